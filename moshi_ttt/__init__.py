@@ -1,0 +1,40 @@
+"""In-Place Test-Time Training for Kyutai's Moshi.
+
+``from moshi_ttt import TTTConfig, apply_ttt`` works on any ``moshi.models.LMModel``. This package
+imports only torch and moshi.
+"""
+
+import os as _os
+
+import torch as _torch
+
+if not _torch.cuda.is_available():
+    # moshi reads this when it is first imported; without it, the first CPU forward spends 7-20 s in
+    # torch.compile for an RMSNorm kernel. GPU users keep moshi's compiled kernels.
+    _os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+from .checkpoint import (  # noqa: E402
+    load_ttt_config,
+    load_ttt_weights,
+    save_ttt_weights,
+    to_moshi_state_dict,
+    ttt_state_dict,
+)
+from .config import TARGET_SOURCES, TTTConfig  # noqa: E402
+from .gating import TTTGating  # noqa: E402
+from .patch import apply_ttt, ttt_gatings, ttt_info  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = [
+    "TARGET_SOURCES",
+    "TTTConfig",
+    "TTTGating",
+    "apply_ttt",
+    "load_ttt_config",
+    "load_ttt_weights",
+    "save_ttt_weights",
+    "to_moshi_state_dict",
+    "ttt_gatings",
+    "ttt_info",
+    "ttt_state_dict",
+]

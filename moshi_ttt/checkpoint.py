@@ -1,0 +1,145 @@
+"""Saving and loading the TTT weights of a model, beside a base Moshi checkpoint.
+
+A TTT file is a safetensors file with the trainable tensors of every TTT gating (``w_down``, the fast
+weight's initial state, and the target path ``target_conv`` / ``target_proj``), keyed by their names
+in the ``LMModel``, and the :class:`TTTConfig` as JSON in the file's metadata. Rebuilding a TTT model is::
+
+    model = <base Moshi, e.g. CheckpointInfo.get_moshi(...)>   # linear_out weights = pretrained W_down
+    apply_ttt(model, load_ttt_config(path))                    # w_down_pretrained <- linear_out
+    load_ttt_weights(model, path)                              # trained w_down and target path
+
+``to_moshi_state_dict`` maps a TTT model back to the key layout moshi's ``get_moshi_lm`` loads
+(``w_down`` -> ``linear_out.weight``, TTT-only tensors dropped).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import TTTConfig
+from .gating import TTTGating
+from .patch import ttt_info
+
+FORMAT = "moshi_ttt.v1"
+TTT_TENSORS = ("w_down", "target_conv", "target_proj")
+
+
+def _require_ttt(model: nn.Module) -> TTTConfig:
+    info = ttt_info(model)
+    if info is None:
+        raise ValueError("this model has no TTT layers: call moshi_ttt.apply_ttt(model, config) first")
+    return info.config
+
+
+def ttt_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable TTT tensors of a patched model, keyed by their full parameter names."""
+    _require_ttt(model)
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, TTTGating):
+            for t in TTT_TENSORS:
+                out[f"{name}.{t}"] = getattr(module, t).detach()
+    return out
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_ttt_weights(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the TTT tensors and config of ``model`` to ``path`` (safetensors, atomically)."""
+    config = _require_ttt(model)
+    path = Path(path)
+    _atomic_save(ttt_state_dict(model), path, {"format": FORMAT, "ttt_config": config.to_json()})
+    return path
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        raise ValueError(f"TTT weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
+    if meta.get("format") != FORMAT or "ttt_config" not in meta:
+        raise ValueError(
+            f"{path} is not a moshi_ttt TTT weights file (metadata format={meta.get('format')!r}); "
+            "write one with moshi_ttt.save_ttt_weights"
+        )
+    return meta
+
+
+def load_ttt_config(path: str | os.PathLike) -> TTTConfig:
+    """The :class:`TTTConfig` stored in a TTT weights file."""
+    return TTTConfig.from_json(_metadata(Path(path))["ttt_config"])
+
+
+def load_ttt_weights(model: nn.Module, path: str | os.PathLike, *, check_config: bool = True) -> None:
+    """Load a TTT weights file into a model patched with the same TTT layout.
+
+    Raises ``ValueError`` naming the mismatch when the file's layers, shapes or (with
+    ``check_config``) settings differ from the model's; nothing is loaded in that case.
+    """
+    path = Path(path)
+    config = _require_ttt(model)
+    saved = TTTConfig.from_json(_metadata(path)["ttt_config"])
+    if check_config and saved != config:
+        diff = {k: (v, getattr(config, k)) for k, v in saved.to_dict().items() if getattr(config, k) != v}
+        raise ValueError(
+            f"{path} was saved with different TTT settings (file vs model: {diff}); build the model "
+            "with load_ttt_config(path), or pass check_config=False to load anyway"
+        )
+    tensors = load_file(str(path))
+    expected = ttt_state_dict(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not match this model's TTT layers: missing {missing[:6]}, unexpected "
+            f"{unexpected[:6]}; the TTT layers or the base architecture differ"
+        )
+    for k, t in tensors.items():
+        if t.shape != expected[k].shape:
+            raise ValueError(f"{path}: {k} has shape {tuple(t.shape)}, the model expects {tuple(expected[k].shape)}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, t in tensors.items():
+            params[k].copy_(t.to(params[k].dtype))
+
+
+def to_moshi_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A state dict in moshi's own layout: ``w_down`` becomes ``linear_out.weight``.
+
+    Loaded into a vanilla ``LMModel`` it gives the TTT model with its fast weights frozen at
+    ``W^(0)`` (no TTT updates); the TTT file restores the rest.
+    """
+    out = {}
+    ttt_prefixes = {name + "." for name, m in model.named_modules() if isinstance(m, TTTGating)}
+    for k, v in model.state_dict().items():
+        prefix = next((p for p in ttt_prefixes if k.startswith(p)), None)
+        if prefix is None:
+            out[k] = v
+            continue
+        rest = k[len(prefix) :]
+        if rest == "w_down":
+            out[prefix + "linear_out.weight"] = v
+        elif rest.startswith("linear_in."):
+            out[k] = v
+    return out
+

@@ -1,0 +1,122 @@
+"""Configuration of In-Place TTT layers.
+
+`TTTConfig` holds everything that changes what a TTT model computes. It is stored beside a
+checkpoint (in the TTT safetensors file's metadata), never inside Moshi's own ``config.json``:
+moshi passes every key of that file to ``LMModel`` and an unknown key is a ``TypeError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+TARGET_SOURCES = ("text_emb", "input_emb", "hidden")
+FAST_FORMS = ("auto", "dual", "scan")
+
+
+@dataclass
+class TTTConfig:
+    """Settings of the In-Place TTT layers of a Moshi model.
+
+    Attributes:
+        chunk_size: tokens (12.5 Hz frames for Moshi) per fast-weight update. Chunk ``i`` is computed
+            with ``W^(i-1)``; its update only helps later chunks. 512 follows the paper's ablation.
+        eta: the TTT learning rate in ``W^(i) = W^(i-1) + eta * V[i]^T Z[i]``. Its useful range
+            depends on the scale of ``Z`` and ``V``; sweep it on a log scale.
+        conv_kernel_size: taps ``K`` of the target convolution; position ``t`` sees ``t .. t+K-1``
+            inside its own chunk (zero padding at the chunk's right edge).
+        conv_depthwise: one filter per channel (``d*K`` weights) instead of a full ``d x d x K`` conv.
+        target_source: what the target convolution reads: ``text_emb`` (the text-token embedding),
+            ``input_emb`` (the summed text + audio embedding entering the transformer) or ``hidden``
+            (the MLP's own input, the official continual-training choice).
+        layers: explicit main-transformer layer indices; overrides ``start_layer``/``layer_frequency``.
+        start_layer, layer_frequency: select layers ``start_layer, start_layer + layer_frequency, ...``.
+        fast_form: ``auto`` picks the quadratic dual form for short sequences and the linear
+            chunk scan for long ones (see :func:`moshi_ttt.ops.ttt_chunked`).
+    """
+
+    chunk_size: int = 512
+    eta: float = 1e-2
+    conv_kernel_size: int = 2
+    conv_depthwise: bool = True
+    target_source: str = "text_emb"
+    layers: list[int] | None = None
+    start_layer: int = 0
+    layer_frequency: int = 6
+    fast_form: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"TTTConfig.{name}: {why} (got {getattr(self, name)!r})")
+
+        if not _is_int(self.chunk_size) or self.chunk_size < 1:
+            raise bad("chunk_size", "must be an integer >= 1")
+        if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not math.isfinite(self.eta):
+            raise bad("eta", "must be a finite number")
+        if self.eta < 0:
+            raise bad("eta", "must be >= 0 (0 turns the fast-weight updates off)")
+        if not _is_int(self.conv_kernel_size) or self.conv_kernel_size < 1:
+            raise bad("conv_kernel_size", "must be an integer >= 1")
+        if not isinstance(self.conv_depthwise, bool):
+            raise bad("conv_depthwise", "must be true or false")
+        if self.target_source not in TARGET_SOURCES:
+            raise bad("target_source", f"must be one of {', '.join(TARGET_SOURCES)}")
+        if self.layers is not None:
+            if not isinstance(self.layers, (list, tuple)) or not all(_is_int(i) for i in self.layers):
+                raise bad("layers", "must be a list of integer layer indices, or null")
+            if len(self.layers) == 0:
+                raise bad("layers", "must not be empty (disable TTT instead of selecting no layer)")
+            if len(set(self.layers)) != len(self.layers):
+                raise bad("layers", "contains duplicate indices")
+            self.layers = sorted(int(i) for i in self.layers)
+        if not _is_int(self.start_layer) or self.start_layer < 0:
+            raise bad("start_layer", "must be an integer >= 0")
+        if not _is_int(self.layer_frequency) or self.layer_frequency < 1:
+            raise bad("layer_frequency", "must be an integer >= 1")
+        if self.fast_form not in FAST_FORMS:
+            raise bad("fast_form", f"must be one of {', '.join(FAST_FORMS)}")
+
+    def resolve_layers(self, num_layers: int) -> list[int]:
+        """The main-transformer layer indices that become TTT layers in a model of ``num_layers``."""
+        if self.layers is not None:
+            out_of_range = [i for i in self.layers if not -num_layers <= i < num_layers]
+            if out_of_range:
+                raise ValueError(
+                    f"TTTConfig.layers: indices {out_of_range} are out of range for a transformer with "
+                    f"{num_layers} layers (valid: 0..{num_layers - 1}, or negative from the end)"
+                )
+            return sorted({i % num_layers for i in self.layers})
+        if self.start_layer >= num_layers:
+            raise ValueError(
+                f"TTTConfig.start_layer: {self.start_layer} is out of range for a transformer with "
+                f"{num_layers} layers (valid: 0..{num_layers - 1})"
+            )
+        return list(range(self.start_layer, num_layers, self.layer_frequency))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TTTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"TTTConfig: unknown keys {unknown}; allowed keys: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> TTTConfig:
+        return cls.from_dict(json.loads(s))
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

@@ -1,0 +1,245 @@
+"""The TTT gating: Moshi's gated MLP whose output projection is an In-Place TTT fast weight.
+
+``TTTGating`` replaces ``moshi.modules.gating.ActivationGating`` in a selected layer:
+
+- ``linear_in`` (``[W_gate; W_up]``) is kept as it is (possibly LoRA-wrapped): slow weights.
+- ``w_down`` ``[d, h]`` is ``W^(0)``, the fast weight's initial state, a trainable parameter that
+  the forward pass never writes to. ``w_down_pretrained`` is a float32 copy of the checkpoint's
+  ``linear_out`` weight, kept for telemetry and for going back to the base model.
+- The target path ``V = Conv1D_K(X_src) W_target^T`` (``target_conv``, ``target_proj``) is computed
+  per chunk: position ``t`` sees ``t .. t+K-1`` of its own chunk, zero past the chunk's end.
+  ``target_conv`` starts at zero and ``target_proj`` at the identity, so ``V = 0`` and the model
+  equals the base model at step 0, while ``dLoss/d target_conv = X * (dLoss/dV)`` is nonzero, so
+  the target path learns (two zero factors would form a saddle with no gradient).
+
+Training (no streaming state) runs :func:`moshi_ttt.ops.ttt_chunked` over the whole sequence.
+Streaming keeps one float32 fast weight per batch element in ``_TTTState``: each step is computed
+with the weight of its chunk's start, ``z`` and the source are buffered, and when a chunk completes
+its target is computed over the whole chunk (the conv needs the chunk's later tokens) and the update
+is applied. Streaming therefore equals the full-sequence forward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from moshi.modules.streaming import State, StreamingModule
+from torch import nn
+from torch.nn import functional as F
+
+from .config import TTTConfig
+from .ops import ttt_chunked
+
+
+@dataclass
+class _TTTState(State):
+    """Per-batch-element fast-weight state of one TTT gating while streaming."""
+
+    w: torch.Tensor  # [B, d, h] float32: fast weight of the current chunk, W^(i-1)
+    w0: torch.Tensor  # [d, h]: the initial weight W^(0) (a view of the parameter) resets go back to
+    buf_z: torch.Tensor  # [B, C, h] float32: activations of the current chunk so far
+    buf_src: torch.Tensor  # [B, C, d_src]: target source of the current chunk so far
+    pos: torch.Tensor  # [B] int64 on CPU: tokens of the current chunk seen so far
+
+    def reset(self, reset_mask: torch.Tensor) -> None:
+        super().reset(reset_mask)
+        mask = reset_mask.to(self.w.device)
+        self.w[mask] = self.w0.to(self.w.dtype)
+        self.pos[reset_mask.cpu()] = 0
+
+
+def _weight_of(linear: nn.Module) -> torch.Tensor:
+    """The effective weight of an ``nn.Linear`` or of a moshi ``LoRALinear`` (merged)."""
+    if isinstance(linear, nn.Linear):
+        return linear.weight
+    frozen, lora_a, lora_b = (getattr(linear, n, None) for n in ("frozen_W", "lora_A", "lora_B"))
+    if isinstance(frozen, nn.Linear) and isinstance(lora_a, nn.Linear) and isinstance(lora_b, nn.Linear):
+        with torch.no_grad():
+            return frozen.weight + linear.scaling * (lora_b.weight @ lora_a.weight).to(frozen.weight.dtype)
+    raise ValueError(
+        f"cannot read a weight from linear_out of type {type(linear).__name__}: expected nn.Linear or "
+        "moshi.modules.lora.LoRALinear"
+    )
+
+
+class TTTGating(StreamingModule[_TTTState]):
+    """Gated MLP with an In-Place TTT output projection. Build it with :meth:`from_gating`."""
+
+    _fsdp_final = True
+
+    def __init__(
+        self,
+        linear_in: nn.Module,
+        w_down: torch.Tensor,
+        activation: Callable[[torch.Tensor], torch.Tensor],
+        config: TTTConfig,
+    ) -> None:
+        super().__init__()
+        d, h = w_down.shape
+        self.config = config
+        self.dim, self.hidden = d, h
+        self.linear_in = linear_in
+        self.activation = activation
+        factory = {"device": w_down.device, "dtype": w_down.dtype}
+        self.w_down = w_down if isinstance(w_down, nn.Parameter) else nn.Parameter(w_down)
+        self.register_buffer(
+            "w_down_pretrained", w_down.detach().to(torch.float32, copy=True), persistent=True
+        )
+        K = config.conv_kernel_size
+        self.target_conv = nn.Parameter(torch.zeros(d, 1 if config.conv_depthwise else d, K, **factory))
+        self.target_proj = nn.Parameter(torch.empty(d, d, **factory))
+        self.reset_target_parameters()
+        self._register_load_state_dict_pre_hook(self._map_vanilla_keys)
+
+    @classmethod
+    def from_gating(cls, gating: nn.Module, config: TTTConfig) -> TTTGating:
+        """Turn a moshi ``ActivationGating`` (plain or LoRA-wrapped) into a TTT gating."""
+        for attr in ("linear_in", "linear_out", "activation"):
+            if not hasattr(gating, attr):
+                raise ValueError(
+                    f"TTT needs a gated MLP (moshi ActivationGating with linear_in/linear_out), got "
+                    f"{type(gating).__name__} without `{attr}`; build the model with gating='silu'"
+                )
+        lo = gating.linear_out
+        w = lo.weight if isinstance(lo, nn.Linear) else nn.Parameter(_weight_of(lo).detach().clone())
+        return cls(gating.linear_in, w, gating.activation, config)
+
+    def reset_target_parameters(self) -> None:
+        """Zero conv and identity projection: V = 0 (base model) with a live gradient path."""
+        with torch.no_grad():
+            self.target_conv.zero_()
+            if self.target_proj.device.type != "meta":
+                self.target_proj.copy_(torch.eye(self.dim, dtype=self.target_proj.dtype))
+
+    def _map_vanilla_keys(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        """Let a vanilla Moshi (or LoRA-wrapped) state dict load: ``linear_out.weight`` -> ``w_down``."""
+        for key in (prefix + "linear_out.weight", prefix + "linear_out.frozen_W.weight"):
+            if key in state_dict:
+                w = state_dict.pop(key)
+                state_dict.setdefault(prefix + "w_down", w)
+                state_dict.setdefault(prefix + "w_down_pretrained", w.to(torch.float32))
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"dim={self.dim}, hidden={self.hidden}, chunk_size={c.chunk_size}, eta={c.eta}, "
+            f"target_source={c.target_source}, conv_kernel_size={c.conv_kernel_size}, "
+            f"conv_depthwise={c.conv_depthwise}"
+        )
+
+    # ---------------------------------------------------------------- computations
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """``Z = act(x W_gate^T) * (x W_up^T)``, ``[B, T, h]``, as in moshi's gating kernel."""
+        y = self.linear_in(x)
+        B, T, _ = y.shape
+        y = y.view(B, T, 2, -1)
+        return self.activation(y[..., 0, :]) * y[..., 1, :]
+
+    def target(self, src: torch.Tensor) -> torch.Tensor:
+        """``V = Conv1D_K(src) W_target^T`` per chunk of the grid starting at ``src[:, 0]``: ``[B, T, d]``."""
+        B, T, D = src.shape
+        C, K = self.config.chunk_size, self.config.conv_kernel_size
+        n = math.ceil(T / C)
+        L = T if n == 1 else C
+        x = F.pad(src, (0, 0, 0, n * L - T)) if n * L != T else src
+        x = x.reshape(B * n, L, D).transpose(1, 2)  # [B n, D, L]
+        x = F.pad(x, (0, K - 1))  # zeros after the chunk's end: chunk i never reads chunk i+1
+        groups = D if self.config.conv_depthwise else 1
+        y = F.conv1d(x, self.target_conv.to(x.dtype), groups=groups)  # [B n, D, L]
+        y = y.transpose(1, 2).reshape(B, n * L, D)[:, :T]
+        return F.linear(y, self.target_proj.to(y.dtype))
+
+    def _check_src(self, x: torch.Tensor, src: torch.Tensor | None) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"TTT gating input must be [B, T, {self.dim}], got {tuple(x.shape)}")
+        if x.shape[1] == 0:
+            raise ValueError("TTT gating got an empty sequence (T = 0)")
+        if self.config.target_source == "hidden":
+            return x if src is None else src
+        if src is None:
+            raise ValueError(
+                f"TTT target source '{self.config.target_source}' is missing: run the model through "
+                "LMModel.forward / forward_text / LMGen after moshi_ttt.apply_ttt (which captures it), "
+                "or pass ttt_src=... to the transformer"
+            )
+        if src.shape != x.shape:
+            raise ValueError(
+                f"TTT target source '{self.config.target_source}' has shape {tuple(src.shape)}, "
+                f"expected {tuple(x.shape)} (same [B, T, d] as the MLP input)"
+            )
+        if src.device != x.device:
+            raise ValueError(f"TTT target source is on {src.device} but the MLP input is on {x.device}")
+        return src
+
+    def forward(self, x: torch.Tensor, src: torch.Tensor | None = None) -> torch.Tensor:
+        src = self._check_src(x, src)
+        z = self.activations(x)
+        state = self._streaming_state
+        if state is not None:
+            return self._stream(z, src, state).to(x.dtype)
+        v = self.target(src)
+        out, _ = ttt_chunked(
+            z, v, self.w_down, self.config.eta, self.config.chunk_size,
+            form=self.config.fast_form, return_final=False,
+        )
+        return out
+
+    # ---------------------------------------------------------------- streaming
+    def _init_streaming_state(self, batch_size: int) -> _TTTState:
+        w0 = self.w_down.detach()
+        dev, C = w0.device, self.config.chunk_size
+        return _TTTState(
+            batch_size,
+            dev,
+            w=w0.to(torch.float32).expand(batch_size, self.dim, self.hidden).clone(),
+            w0=w0,
+            buf_z=torch.zeros(batch_size, C, self.hidden, device=dev, dtype=torch.float32),
+            buf_src=torch.zeros(batch_size, C, self.dim, device=dev, dtype=w0.dtype),
+            pos=torch.zeros(batch_size, dtype=torch.long),
+        )
+
+    @torch.no_grad()
+    def _stream(self, z: torch.Tensor, src: torch.Tensor, state: _TTTState) -> torch.Tensor:
+        if z.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "TTT streaming updates fast weights every chunk_size steps, which a CUDA graph cannot "
+                "replay; run with NO_CUDA_GRAPH=1"
+            )
+        B, T, _ = z.shape
+        if B != state.batch_size:
+            raise ValueError(f"streaming batch size is {state.batch_size}, got an input of batch {B}")
+        C, eta = self.config.chunk_size, self.config.eta
+        zf = z.to(torch.float32)
+        src = src.to(state.buf_src.dtype)
+        active = state.exec_mask.cpu()
+        pos = state.pos
+        outs = []
+        t = 0
+        while t < T:
+            L = T - t
+            if active.any():
+                L = min(L, int((C - pos[active]).min()))
+            zs, ss = zf[:, t : t + L], src[:, t : t + L]
+            outs.append(torch.bmm(zs, state.w.transpose(1, 2)))  # [B, L, d] with the chunk-start weight
+            if active.all() and bool((pos == pos[0]).all()):
+                p = int(pos[0])
+                state.buf_z[:, p : p + L] = zs
+                state.buf_src[:, p : p + L] = ss
+            else:
+                for b in active.nonzero().flatten().tolist():
+                    p = int(pos[b])
+                    state.buf_z[b, p : p + L] = zs[b]
+                    state.buf_src[b, p : p + L] = ss[b]
+            pos[active] += L
+            done = pos == C
+            if done.any():
+                idx = done.nonzero().flatten().to(z.device)
+                v = self.target(state.buf_src[idx]).to(torch.float32)  # [k, C, d] over the whole chunk
+                delta = torch.bmm(v.transpose(1, 2), state.buf_z[idx])  # [k, d, h]
+                state.w.index_copy_(0, idx, state.w[idx] + eta * delta)
+                pos[done] = 0
+            t += L
+        return torch.cat(outs, dim=1)

@@ -1,0 +1,256 @@
+"""In-Place TTT fast-weight operators: the sequential specification and the fast forms.
+
+Notation (one TTT layer, one batch element): ``Z [T, h]`` are the gated MLP activations
+``silu(H W_gate^T) * (H W_up^T)``, ``V [T, d]`` the targets, ``W0 [d, h]`` the initial fast weight
+(Moshi's ``linear_out.weight``). The sequence is cut into chunks of ``C`` tokens aligned to its start
+(the last may be partial). Chunk ``i`` is computed with the weight *before* its own update::
+
+    O[i]  = Z[i] @ W^(i-1)^T
+    W^(i) = W^(i-1) + eta * V[i]^T @ Z[i]
+
+Because the update is linear in ``W`` (the paper's loss is ``-<V, Z W^T>_F``) the whole recurrence
+has a closed form, the "dual" form::
+
+    O = Z W0^T + eta * (M * (Z Z^T)) V,    M[s, t] = 1  iff  chunk(t) < chunk(s)
+
+:func:`ttt_reference` is the specification: a plain loop over chunks in float32 that materialises
+the weight of every chunk. :func:`ttt_chunked` is what the model uses; it never holds one ``[d, h]``
+weight per chunk. It walks over *tiles* (a whole number of chunks, at least ``_MIN_TILE`` tokens):
+
+- ``dual`` form: tile ``r`` attends to everything before it, ``eta * (Z_r Z_<r^T) V_<r``, costing
+  ``O(T^2 (d + h))`` in all. Cheapest for sequences up to a few thousand tokens.
+- ``scan`` form: a running state ``S = sum_j V_j^T Z_j`` (one ``[d, h]`` per batch element) gives the
+  inter-tile term ``eta * Z_r S^T``; ``O(T d h)``, linear in ``T``.
+
+Within a tile that holds several chunks (small ``C``) the dual form is used with the block-strict
+mask. Both forms run inside a custom autograd function that saves only ``z``, ``v`` and ``w0`` (plus,
+in the dual form, the small ``[L, r0]`` score tiles) and recomputes the rest in backward; the scan's
+backward recomputes the states in a forward sweep and accumulates the suffix gradient in a reverse
+sweep, so its memory stays at two ``[B, d, h]`` buffers whatever the length.
+
+All fast-weight math runs in float32 (float64 if any input is float64); ``out`` comes back in
+``z``'s dtype and ``w_final`` in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+__all__ = ["ttt_reference", "ttt_chunked", "choose_form"]
+
+_MIN_TILE = 64
+
+
+def _check_inputs(
+    z: torch.Tensor, v: torch.Tensor, w0: torch.Tensor, eta: float, chunk_size: int
+) -> tuple[int, int, int, int]:
+    for name, t in (("z", z), ("v", v), ("w0", w0)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if z.dim() != 3:
+        raise ValueError(f"z must have shape [B, T, h], got {tuple(z.shape)}")
+    if v.dim() != 3:
+        raise ValueError(f"v must have shape [B, T, d], got {tuple(v.shape)}")
+    B, T, h = z.shape
+    if v.shape[:2] != (B, T):
+        raise ValueError(f"z {tuple(z.shape)} and v {tuple(v.shape)} must agree on [B, T]")
+    d = v.shape[2]
+    if T == 0:
+        raise ValueError("empty sequence: T = 0 (z and v need at least one time step)")
+    if w0.shape not in ((d, h), (B, d, h)):
+        raise ValueError(
+            f"w0 must have shape [d, h] = [{d}, {h}] or [B, d, h] = [{B}, {d}, {h}], got {tuple(w0.shape)}"
+        )
+    if not (z.device == v.device == w0.device):
+        raise ValueError(f"z, v and w0 must be on one device, got {z.device}, {v.device}, {w0.device}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    if isinstance(eta, torch.Tensor) or not isinstance(eta, (int, float)):
+        raise ValueError(f"eta must be a Python number, got {type(eta).__name__}")
+    return B, T, d, h
+
+
+def _compute_dtype(*ts: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def ttt_reference(
+    z: torch.Tensor, v: torch.Tensor, w0: torch.Tensor, eta: float, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The specification: a sequential loop over chunks, one explicit weight per chunk.
+
+    Args:
+        z: ``[B, T, h]`` MLP activations. v: ``[B, T, d]`` targets.
+        w0: ``[d, h]`` (shared) or ``[B, d, h]`` (per batch element) initial fast weight.
+    Returns:
+        ``(out [B, T, d] in z's dtype, w_final [B, d, h])`` where ``w_final`` includes the update of
+        every chunk, a trailing partial chunk included.
+    """
+    B, T, d, h = _check_inputs(z, v, w0, eta, chunk_size)
+    cdt = _compute_dtype(z, v, w0)
+    w = w0.to(cdt).expand(B, d, h)
+    outs = []
+    for s in range(0, T, chunk_size):
+        zc = z[:, s : s + chunk_size].to(cdt)  # [B, c, h]
+        vc = v[:, s : s + chunk_size].to(cdt)  # [B, c, d]
+        outs.append(torch.einsum("bch,bdh->bcd", zc, w))
+        w = w + eta * torch.einsum("bcd,bch->bdh", vc, zc)
+    return torch.cat(outs, dim=1).to(z.dtype), w
+
+
+def choose_form(T: int, d: int, h: int) -> str:
+    """The cheaper form by FLOPs: dual costs ~``T^2 (d + h)``, scan ~``4 T d h``."""
+    return "dual" if T * (d + h) <= 4 * d * h else "scan"
+
+
+def _tile_size(chunk_size: int) -> int:
+    return chunk_size * max(1, -(-_MIN_TILE // chunk_size))
+
+
+def _intra_mask(L: int, chunk_size: int, device: torch.device) -> torch.Tensor | None:
+    """Block-strict lower mask inside a chunk-aligned tile of ``L`` tokens (None if one chunk)."""
+    if L <= chunk_size:
+        return None
+    cid = torch.arange(L, device=device) // chunk_size
+    return cid[None, :] < cid[:, None]  # [L, L]: column chunk strictly before row chunk
+
+
+def _base(z: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+    # Same kernel as nn.Linear, so a TTT layer at init reproduces Moshi's linear_out bit for bit.
+    if w0.dim() == 2:
+        return F.linear(z, w0)
+    return torch.bmm(z, w0.transpose(1, 2))
+
+
+class _TTTChunkedFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, v, w0, eta, chunk_size, form, return_final):  # type: ignore[override]
+        B, T, h = z.shape
+        d = v.shape[2]
+        cdt = _compute_dtype(z, v, w0)
+        zf, vf, wf = z.to(cdt), v.to(cdt), w0.to(cdt)
+        tile = _tile_size(chunk_size)
+        out = _base(zf, wf)  # [B, T, d]
+        S = zf.new_zeros(B, d, h) if form == "scan" else None
+        scores = []  # dual form: score tiles Z_r Z_<r^T, reused in backward
+        for a in range(0, T, tile):
+            b = min(T, a + tile)
+            zr, vr = zf[:, a:b], vf[:, a:b]  # [B, L, h], [B, L, d]
+            acc = None
+            if a > 0:
+                if form == "dual":
+                    A = torch.bmm(zr, zf[:, :a].transpose(1, 2))  # [B, L, a]
+                    scores.append(A)
+                    acc = torch.bmm(A, vf[:, :a])  # [B, L, d]
+                else:
+                    acc = torch.bmm(zr, S.transpose(1, 2))  # [B, L, d]
+            M = _intra_mask(b - a, chunk_size, z.device)
+            if M is not None:
+                intra = torch.bmm(torch.bmm(zr, zr.transpose(1, 2)) * M, vr)
+                acc = intra if acc is None else acc + intra
+            if acc is not None:
+                out[:, a:b] += eta * acc
+            if S is not None:
+                S += torch.bmm(vr.transpose(1, 2), zr)  # [B, d, h]
+        w_final = None
+        if return_final:
+            if S is None:
+                S = torch.bmm(vf.transpose(1, 2), zf)
+            w_final = wf.expand(B, d, h) + eta * S
+        ctx.save_for_backward(z, v, w0, *scores)
+        ctx.cfg = (eta, chunk_size, form, cdt)
+        if w_final is None:
+            return out.to(z.dtype)
+        return out.to(z.dtype), w_final
+
+    @staticmethod
+    def backward(ctx, g_out, g_final=None):  # type: ignore[override]
+        z, v, w0, *scores = ctx.saved_tensors
+        eta, chunk_size, form, cdt = ctx.cfg
+        B, T, h = z.shape
+        d = v.shape[2]
+        zf, vf, wf = z.to(cdt), v.to(cdt), w0.to(cdt)
+        g = g_out.to(cdt)
+        tile = _tile_size(chunk_size)
+        # Base term O = Z W0^T.
+        dz = _base(g, wf.transpose(-1, -2))  # [B, T, h]
+        if wf.dim() == 2:
+            dw = g.reshape(-1, d).t() @ zf.reshape(-1, h)  # [d, h]
+        else:
+            dw = torch.bmm(g.transpose(1, 2), zf)  # [B, d, h]
+        dv = torch.zeros_like(vf)
+        gF = None
+        if g_final is not None:
+            gF = g_final.to(cdt)
+            dw = dw + (gF.sum(0) if wf.dim() == 2 else gF)
+        tiles = [(a, min(T, a + tile)) for a in range(0, T, tile)]
+        eg = eta * g
+        if form == "dual":
+            for (a, b), A in zip(tiles[1:], scores):
+                zr, gr = zf[:, a:b], eg[:, a:b]
+                dv[:, :a] += torch.bmm(A.transpose(1, 2), gr)
+                dA = torch.bmm(gr, vf[:, :a].transpose(1, 2))  # [B, L, a]
+                dz[:, a:b] += torch.bmm(dA, zf[:, :a])
+                dz[:, :a] += torch.bmm(dA.transpose(1, 2), zr)
+            if gF is not None:  # w_final = W0 + eta * V^T Z over the whole sequence
+                dv += eta * torch.bmm(zf, gF.transpose(1, 2))
+                dz += eta * torch.bmm(vf, gF)
+        else:
+            # Forward sweep: the state each tile saw, for dZ_r += eta dO_r S_r.
+            S = zf.new_zeros(B, d, h)
+            for a, b in tiles:
+                if a > 0:
+                    dz[:, a:b] += torch.bmm(eg[:, a:b], S)
+                S += torch.bmm(vf[:, a:b].transpose(1, 2), zf[:, a:b])
+            del S
+            # Reverse sweep: G_r = eta * sum_{s > r} dO_s^T Z_s (+ eta dW_final) is dLoss/dDelta_r.
+            G = eta * gF if gF is not None else zf.new_zeros(B, d, h)
+            for a, b in reversed(tiles):
+                zr, vr = zf[:, a:b], vf[:, a:b]
+                dv[:, a:b] += torch.bmm(zr, G.transpose(1, 2))
+                dz[:, a:b] += torch.bmm(vr, G)
+                if a > 0:
+                    G = G + torch.bmm(eg[:, a:b].transpose(1, 2), zr)
+        for a, b in tiles:
+            M = _intra_mask(b - a, chunk_size, z.device)
+            if M is None:
+                continue
+            zr, vr, gr = zf[:, a:b], vf[:, a:b], eg[:, a:b]
+            Am = torch.bmm(zr, zr.transpose(1, 2)) * M
+            dv[:, a:b] += torch.bmm(Am.transpose(1, 2), gr)
+            dA = torch.bmm(gr, vr.transpose(1, 2)) * M
+            dz[:, a:b] += torch.bmm(dA, zr) + torch.bmm(dA.transpose(1, 2), zr)
+        return dz.to(z.dtype), dv.to(v.dtype), dw.to(w0.dtype), None, None, None, None
+
+
+def ttt_chunked(
+    z: torch.Tensor,
+    v: torch.Tensor,
+    w0: torch.Tensor,
+    eta: float,
+    chunk_size: int,
+    *,
+    form: str = "auto",
+    return_final: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fast form of :func:`ttt_reference`: same arguments, same results, no per-chunk weights.
+
+    Args:
+        form: ``"dual"``, ``"scan"`` or ``"auto"`` (:func:`choose_form` by FLOPs).
+        return_final: compute ``w_final``; pass False in training, where it is not needed and
+            would cost one more ``[d, h]``-sized product per batch element.
+    Returns:
+        ``(out [B, T, d] in z's dtype, w_final [B, d, h] or None)``.
+    """
+    B, T, d, h = _check_inputs(z, v, w0, eta, chunk_size)
+    if form == "auto":
+        form = choose_form(T, d, h)
+    if form not in ("dual", "scan"):
+        raise ValueError(f"form must be 'auto', 'dual' or 'scan', got {form!r}")
+    res = _TTTChunkedFn.apply(z, v, w0, float(eta), chunk_size, form, return_final)
+    if return_final:
+        return res[0], res[1]
+    return res, None

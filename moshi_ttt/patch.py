@@ -1,0 +1,162 @@
+"""`apply_ttt`: turn selected MLPs of a moshi ``LMModel`` into In-Place TTT layers, in place.
+
+No moshi source is edited. Three things happen:
+
+1. Every main-transformer layer gets a subclass of its own class (``TTT<Class>``) whose ``forward``
+   accepts a ``ttt_src`` keyword and hands it to a TTT gating. The depformer (which restarts every
+   frame and has no long context) and Mimi are never touched.
+2. The gating of each selected layer becomes a :class:`~moshi_ttt.gating.TTTGating`, with ``w_down``
+   taken from the layer's ``linear_out`` (merged first when it is a moshi ``LoRALinear``).
+3. For ``target_source`` ``text_emb`` / ``input_emb``, hooks on ``model.text_emb`` and
+   ``model.transformer`` capture the source and pass it to the layers as the ``ttt_src`` keyword,
+   which ``torch.utils.checkpoint`` keeps for recomputation under gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from moshi.modules.streaming import StreamingModule
+from moshi.modules.transformer import StreamingTransformerLayer
+from torch import nn
+
+from .config import TTTConfig
+from .gating import TTTGating
+
+logger = logging.getLogger(__name__)
+
+_ATTR = "_moshi_ttt"
+
+
+class _TTTLayerMixin:
+    """Layer behaviour shared by every main-transformer layer of a TTT model."""
+
+    _ttt_src: torch.Tensor | None = None
+
+    def forward(self, x, cross_attention_src=None, ttt_src=None):  # type: ignore[override]
+        self._ttt_src = ttt_src
+        try:
+            return super().forward(x, cross_attention_src)  # type: ignore[misc]
+        finally:
+            self._ttt_src = None
+
+    def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
+        gating = self.gating  # type: ignore[attr-defined]
+        if not isinstance(gating, TTTGating):
+            return super()._ff_block(x)  # type: ignore[misc]
+        x_orig = x
+        x = self.norm2(x)  # type: ignore[attr-defined]
+        update = gating(x, self._ttt_src)
+        return x_orig.to(update) + self.layer_scale_2(update)  # type: ignore[attr-defined]
+
+
+_LAYER_CLASSES: dict[type, type] = {}
+
+
+def _ttt_layer_class(cls: type) -> type:
+    if issubclass(cls, _TTTLayerMixin):
+        return cls
+    if cls not in _LAYER_CLASSES:
+        _LAYER_CLASSES[cls] = type(f"TTT{cls.__name__}", (_TTTLayerMixin, cls), {"__module__": __name__})
+    return _LAYER_CLASSES[cls]
+
+
+@dataclass
+class TTTModelInfo:
+    """What :func:`apply_ttt` did to a model; stored on it as ``model._moshi_ttt``."""
+
+    config: TTTConfig
+    layers: list[int]
+    handles: list[Any] = field(default_factory=list, repr=False)
+    slot: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+
+def ttt_info(model: nn.Module) -> TTTModelInfo | None:
+    """The TTT settings of a model patched by :func:`apply_ttt`, or None."""
+    return getattr(model, _ATTR, None)
+
+
+def ttt_gatings(model: nn.Module) -> dict[int, TTTGating]:
+    """``{layer index: TTTGating}`` of a patched model."""
+    out = {}
+    for i, layer in enumerate(model.transformer.layers):
+        if isinstance(layer.gating, TTTGating):
+            out[i] = layer.gating
+    return out
+
+
+def apply_ttt(lm_model: nn.Module, config: TTTConfig) -> nn.Module:
+    """Make the selected main-transformer layers of a moshi ``LMModel`` In-Place TTT layers.
+
+    Works before or after moshi's LoRA (``replace_all_linear_with_lora``), with gradient
+    checkpointing, on any device or dtype (meta included). Must be called before the model is
+    first put in streaming mode. Returns the same model, patched in place.
+    """
+    if not isinstance(config, TTTConfig):
+        raise ValueError(f"config must be a moshi_ttt.TTTConfig, got {type(config).__name__}")
+    config.validate()
+    transformer = getattr(lm_model, "transformer", None)
+    layers = getattr(transformer, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not hasattr(lm_model, "text_emb"):
+        raise ValueError(
+            f"apply_ttt expects a moshi.models.LMModel (with .transformer.layers and .text_emb), "
+            f"got {type(lm_model).__name__}"
+        )
+    if ttt_info(lm_model) is not None:
+        raise ValueError("apply_ttt was already applied to this model; build a fresh model to change it")
+    if any(isinstance(m, StreamingModule) and m.is_streaming for m in lm_model.modules()):
+        raise ValueError("apply_ttt must be called before the model enters streaming mode")
+    selected = config.resolve_layers(len(layers))
+    for i in selected:
+        layer = layers[i]
+        if not isinstance(layer, StreamingTransformerLayer):
+            raise ValueError(f"layer {i} is a {type(layer).__name__}, not a moshi StreamingTransformerLayer")
+        if layer.gating is None or isinstance(layer.gating, nn.ModuleList):
+            kind = "no gated MLP (gating='none')" if layer.gating is None else "per-step MLP weights"
+            raise ValueError(
+                f"layer {i} has {kind}; In-Place TTT needs moshi's gated MLP (gating='silu', "
+                "no weights_per_step), as in the main transformer of every Moshi checkpoint"
+            )
+    for layer in layers:
+        layer.__class__ = _ttt_layer_class(type(layer))
+    for i in selected:
+        layers[i].gating = TTTGating.from_gating(layers[i].gating, config)
+
+    info = TTTModelInfo(config=config, layers=selected)
+    source = config.target_source
+    if source == "text_emb":
+
+        def capture(_module, _inputs, output):
+            info.slot["src"] = output
+
+        info.handles.append(lm_model.text_emb.register_forward_hook(capture))
+
+    if source in ("text_emb", "input_emb"):
+
+        def inject(_module, args, kwargs):
+            if kwargs.get("ttt_src") is not None:
+                info.slot.pop("src", None)
+                return None
+            if source == "input_emb":
+                src = args[0] if args else kwargs["x"]
+            else:
+                src = info.slot.pop("src", None)
+                if src is None:
+                    raise ValueError(
+                        "TTT target source 'text_emb' was not captured: call the model through "
+                        "LMModel.forward / forward_text or LMGen, or pass ttt_src=... to model.transformer"
+                    )
+            return args, {**kwargs, "ttt_src": src}
+
+        info.handles.append(transformer.register_forward_pre_hook(inject, with_kwargs=True))
+
+    setattr(lm_model, _ATTR, info)
+    # moshi caches the list of streaming children at the first streaming() call: drop stale caches.
+    for m in lm_model.modules():
+        if isinstance(m, StreamingModule):
+            m._cached_children = None
+    logger.info("In-Place TTT on layers %s (%s)", selected, config.to_json())
+    return lm_model
