@@ -31,37 +31,44 @@ logger = logging.getLogger(__name__)
 _ATTR = "_moshi_ttt"
 
 
-class _TTTLayerMixin:
-    """Layer behaviour shared by every main-transformer layer of a TTT model."""
-
-    _ttt_src: torch.Tensor | None = None
-
-    def forward(self, x, cross_attention_src=None, ttt_src=None):  # type: ignore[override]
-        self._ttt_src = ttt_src
-        try:
-            return super().forward(x, cross_attention_src)  # type: ignore[misc]
-        finally:
-            self._ttt_src = None
-
-    def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
-        gating = self.gating  # type: ignore[attr-defined]
-        if not isinstance(gating, TTTGating):
-            return super()._ff_block(x)  # type: ignore[misc]
-        x_orig = x
-        x = self.norm2(x)  # type: ignore[attr-defined]
-        update = gating(x, self._ttt_src)
-        return x_orig.to(update) + self.layer_scale_2(update)  # type: ignore[attr-defined]
-
-
 _LAYER_CLASSES: dict[type, type] = {}
 
 
 def _ttt_layer_class(cls: type) -> type:
-    if issubclass(cls, _TTTLayerMixin):
+    """``TTT<cls>``: ``cls`` whose forward accepts ``ttt_src`` and hands it to a TTT gating.
+
+    Built as a direct subclass with no layout of its own, so an existing layer's ``__class__`` can be
+    swapped in place (weights, hooks and FSDP wrapping stay). Parent methods are called by name rather
+    than through ``super()`` so further dynamic subclassing (FSDP2 does it) stays correct.
+    """
+    if getattr(cls, "_moshi_ttt_layer", False):
         return cls
-    if cls not in _LAYER_CLASSES:
-        _LAYER_CLASSES[cls] = type(f"TTT{cls.__name__}", (_TTTLayerMixin, cls), {"__module__": __name__})
-    return _LAYER_CLASSES[cls]
+    if cls in _LAYER_CLASSES:
+        return _LAYER_CLASSES[cls]
+
+    def forward(self, x, cross_attention_src=None, ttt_src=None):
+        self.__dict__["_ttt_src"] = ttt_src
+        try:
+            return cls.forward(self, x, cross_attention_src)
+        finally:
+            self.__dict__.pop("_ttt_src", None)
+
+    def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
+        gating = self.gating
+        if not isinstance(gating, TTTGating):
+            return cls._ff_block(self, x)
+        x_orig = x
+        x = self.norm2(x)
+        update = gating(x, self.__dict__.get("_ttt_src"))
+        return x_orig.to(update) + self.layer_scale_2(update)
+
+    new = type(
+        f"TTT{cls.__name__}",
+        (cls,),
+        {"__module__": __name__, "_moshi_ttt_layer": True, "forward": forward, "_ff_block": _ff_block},
+    )
+    _LAYER_CLASSES[cls] = new
+    return new
 
 
 @dataclass

@@ -1,0 +1,35 @@
+import os
+
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+    yield
+
+
+def random_codes(model, B: int, T: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random token grid ``[B, 1 + n_q, T]`` for a moshi ``LMModel`` (text stream first)."""
+    text = torch.randint(0, model.text_card, (B, 1, T), generator=generator)
+    audio = torch.randint(0, model.card, (B, model.n_q, T), generator=generator)
+    return torch.cat([text, audio], dim=1)
+
+
+def randomize_ttt(model, std: float = 0.3, seed: int = 0) -> None:
+    """Give every TTT gating's target path (and w_down) random nonzero values."""
+    from moshi_ttt import ttt_gatings
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gating in ttt_gatings(model).values():
+            gating.target_conv.copy_(torch.randn(gating.target_conv.shape, generator=g) * std)
+            gating.target_proj.add_(torch.randn(gating.target_proj.shape, generator=g) * std / 4)
+            gating.w_down.add_(torch.randn(gating.w_down.shape, generator=g) * 0.01)
