@@ -116,7 +116,9 @@ def load_ttt_weights(model: nn.Module, path: str | os.PathLike, *, check_config:
         )
     for k, t in tensors.items():
         if t.shape != expected[k].shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(t.shape)}, the model expects {tuple(expected[k].shape)}")
+            raise ValueError(
+                f"{path}: {k} has shape {tuple(t.shape)}, the model expects {tuple(expected[k].shape)}"
+            )
     params = dict(model.named_parameters())
     with torch.no_grad():
         for k, t in tensors.items():
@@ -142,4 +144,3 @@ def to_moshi_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         elif rest.startswith("linear_in."):
             out[k] = v
     return out
-

@@ -57,7 +57,11 @@ class TTTConfig:
 
         if not _is_int(self.chunk_size) or self.chunk_size < 1:
             raise bad("chunk_size", "must be an integer >= 1")
-        if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not math.isfinite(self.eta):
+        if (
+            isinstance(self.eta, bool)
+            or not isinstance(self.eta, (int, float))
+            or not math.isfinite(self.eta)
+        ):
             raise bad("eta", "must be a finite number")
         if self.eta < 0:
             raise bad("eta", "must be >= 0 (0 turns the fast-weight updates off)")

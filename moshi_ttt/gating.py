@@ -22,8 +22,8 @@ is applied. Streaming therefore equals the full-sequence forward.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from moshi.modules.streaming import State, StreamingModule
@@ -182,8 +182,13 @@ class TTTGating(StreamingModule[_TTTState]):
             return self._stream(z, src, state).to(x.dtype)
         v = self.target(src)
         out, _ = ttt_chunked(
-            z, v, self.w_down, self.config.eta, self.config.chunk_size,
-            form=self.config.fast_form, return_final=False,
+            z,
+            v,
+            self.w_down,
+            self.config.eta,
+            self.config.chunk_size,
+            form=self.config.fast_form,
+            return_final=False,
         )
         return out
 

@@ -60,7 +60,9 @@ def tiny_lm_kwargs(
     return kwargs
 
 
-def build_tiny_lm(seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kw):
+def build_tiny_lm(
+    seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kw
+):
     """A random-weight tiny ``LMModel`` (deterministic for a given seed)."""
     from moshi.models import LMModel
 

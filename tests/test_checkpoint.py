@@ -52,7 +52,9 @@ def test_mismatched_layers_or_settings_are_refused(tmp_path):
     base = build_tiny_lm()
     trained = apply_ttt(copy.deepcopy(base), CFG)
     path = save_ttt_weights(trained, tmp_path / "ttt.safetensors")
-    other = apply_ttt(copy.deepcopy(base), TTTConfig(chunk_size=8, eta=0.05, layers=[0, 3], target_source="input_emb"))
+    other = apply_ttt(
+        copy.deepcopy(base), TTTConfig(chunk_size=8, eta=0.05, layers=[0, 3], target_source="input_emb")
+    )
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(ValueError, match="different TTT settings"):
         load_ttt_weights(other, path)

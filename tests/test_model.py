@@ -16,7 +16,9 @@ C = 8
 
 def make(source="text_emb", layers=(0, 2), eta=0.05, seed=0, **kw):
     base = build_tiny_lm(seed=seed, context=16, **kw)
-    model = apply_ttt(copy.deepcopy(base), TTTConfig(chunk_size=C, eta=eta, layers=list(layers), target_source=source))
+    model = apply_ttt(
+        copy.deepcopy(base), TTTConfig(chunk_size=C, eta=eta, layers=list(layers), target_source=source)
+    )
     return base, model
 
 
