@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Benchmark one TTT gating against Moshi's plain gating and the per-chunk-weight form.
+
+Prints, for each (T, C): forward+backward time and activation bytes saved for backward of
+
+- ``plain``: moshi's ``ActivationGating`` (the MLP a TTT layer replaces),
+- ``ttt``: :class:`moshi_ttt.TTTGating` with ``fast_form=auto`` (plus ``dual`` / ``scan`` forced),
+- ``per-chunk``: the same TTT gating computed the way an earlier attempt did, materialising one
+  ``[d, h]`` weight per chunk (``einsum`` deltas, ``cumsum``, batched matmul),
+
+as ratios, then the saved-activation figure at Moshi-7B's real shape computed on the meta device.
+Saved bytes are counted with ``torch.autograd.graph.saved_tensors_hooks`` (each storage once,
+parameters excluded). Timings are medians; these machines are shared, so read ratios, not absolutes.
+
+    python scripts/bench_ttt.py                 # the default grid (d=1024, h=2816, B=1, fp32)
+    python scripts/bench_ttt.py --T 768 --C 128 --reps 5
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+
+import torch  # noqa: E402
+from moshi.modules.gating import ActivationGating  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from moshi_ttt import TTTConfig, TTTGating  # noqa: E402
+from moshi_ttt import gating as gating_mod  # noqa: E402
+from moshi_ttt.ops import choose_form  # noqa: E402
+
+
+def ttt_per_chunk_weights(z, v, w0, eta, chunk_size, *, form=None, return_final=False):
+    """The earlier attempt's parallel form: one fast weight per chunk, all held at once."""
+    B, T, h = z.shape
+    d = v.shape[2]
+    n = math.ceil(T / chunk_size)
+    pad = n * chunk_size - T
+    zf, vf = F.pad(z.float(), (0, 0, 0, pad)), F.pad(v.float(), (0, 0, 0, pad))
+    zc = zf.view(B, n, chunk_size, h)
+    vc = vf.view(B, n, chunk_size, d)
+    deltas = torch.einsum("bncd,bnch->nbdh", vc, zc)  # [n, B, d, h]
+    prefix = torch.cat([torch.zeros_like(deltas[:1]), deltas.cumsum(0)[:-1]], 0)
+    w = w0.float() + eta * prefix  # [n, B, d, h]
+    out = torch.einsum("bnch,nbdh->bncd", zc, w).reshape(B, n * chunk_size, d)[:, :T]
+    return out.to(z.dtype), None
+
+
+@contextmanager
+def count_saved(params):
+    """Bytes of the distinct non-parameter storages autograd saves for backward."""
+    param_ids = {id(p) for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        base = t if t._base is None else t._base
+        if id(base) not in param_ids and id(t) not in param_ids:
+            seen[id(base)] = base.numel() * base.element_size()
+        return t
+
+    box = {}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield box
+    box["bytes"] = sum(seen.values())
+
+
+def make_modules(d, h, C, eta, device="cpu", form="auto"):
+    plain = ActivationGating(d, int(1.5 * h), F.silu, device=device)  # hidden = 2/3 * dim_ff = h
+    assert plain.linear_out.weight.shape == (d, h), plain.linear_out.weight.shape
+    if device != "meta":
+        torch.nn.init.normal_(plain.linear_in.weight, std=d**-0.5)
+        torch.nn.init.normal_(plain.linear_out.weight, std=h**-0.5)
+    cfg = TTTConfig(chunk_size=C, eta=eta, fast_form=form, target_source="hidden")
+    ttt = TTTGating.from_gating(plain, cfg)
+    if device != "meta":
+        with torch.no_grad():
+            ttt.target_conv.normal_(std=0.1)
+    return plain, ttt
+
+
+def run_once(module, x, op=None):
+    """One forward+backward; returns saved bytes."""
+    params = list(module.parameters())
+    if op is not None:
+        orig = gating_mod.ttt_chunked
+        gating_mod.ttt_chunked = op
+    try:
+        with count_saved(params) as box:
+            y = module(x)
+    finally:
+        if op is not None:
+            gating_mod.ttt_chunked = orig
+    if x.device.type != "meta":
+        y.backward(torch.ones_like(y))
+    return box["bytes"]
+
+
+def timed(module, x, reps, op=None):
+    run_once(module, x, op)  # warm-up
+    times = []
+    for _ in range(reps):
+        module.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        saved = run_once(module, x, op)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), saved
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--d", type=int, default=1024)
+    p.add_argument("--h", type=int, default=2816)
+    p.add_argument("--B", type=int, default=1)
+    p.add_argument("--T", type=int, nargs="+", default=[768, 2048])
+    p.add_argument("--C", type=int, nargs="+", default=[128, 512])
+    p.add_argument("--eta", type=float, default=1e-3)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--no-forms", action="store_true", help="skip the forced dual / scan rows")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32, d={args.d}, h={args.h}, B={args.B}"
+    )
+    header = (
+        f"{'T':>5} {'C':>4} {'form':>5} | {'plain ms':>8} {'ttt ms':>8} {'chunk-W ms':>10} | "
+        f"{'ttt/plain t':>11} {'chunk-W/ttt t':>13} | {'plain MB':>8} {'ttt MB':>7} {'chunk-W MB':>10} "
+        f"{'ttt/plain mem':>13}"
+    )
+    print(header)
+    print("-" * len(header))
+    for T in args.T:
+        for C in args.C:
+            plain, ttt = make_modules(args.d, args.h, C, args.eta)
+            x = torch.randn(args.B, T, args.d)
+            tp, mp = timed(plain, x, args.reps)
+            tn, mn = timed(ttt, x, max(2, args.reps // 2), op=ttt_per_chunk_weights)
+            forms = ["auto"] if args.no_forms else ["auto", "dual", "scan"]
+            for form in forms:
+                ttt.config.fast_form = form
+                tt, mt = timed(ttt, x, args.reps)
+                shown = form if form != "auto" else "auto:" + choose_form(T, args.d, args.h)[0]
+                print(
+                    f"{T:>5} {C:>4} {shown:>5} | {tp * 1e3:8.1f} {tt * 1e3:8.1f} {tn * 1e3:10.1f} | "
+                    f"{tt / tp:11.2f} {tn / tt:13.2f} | {mp / 2**20:8.1f} {mt / 2**20:7.1f} {mn / 2**20:10.1f} "
+                    f"{mt / mp:13.2f}"
+                )
+    # Moshi-7B's real MLP shape, on the meta device: no memory is allocated, no time is measured.
+    d, h, T = 4096, 11264, 3000
+    print(f"\nMoshi-7B layer shape on meta (d={d}, h={h}, T={T}, B=1), activation bytes saved for backward:")
+    for C in (256, 512):
+        plain, ttt = make_modules(d, h, C, args.eta, device="meta")
+        x = torch.empty(1, T, d, device="meta")
+        mp = run_once(plain, x)
+        mt = run_once(ttt, x)
+        mn = run_once(ttt, x, op=ttt_per_chunk_weights)
+        print(
+            f"  C={C:4d}: plain {mp / 2**20:8.1f} MB | ttt {mt / 2**20:8.1f} MB ({mt / mp:.2f}x) | "
+            f"per-chunk weights {mn / 2**20:9.1f} MB ({mn / mp:.1f}x)"
+        )
+
+
+if __name__ == "__main__":
+    main()
