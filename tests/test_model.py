@@ -341,3 +341,29 @@ def test_config_defaults_and_json_round_trip():
     assert TTTConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ValueError, match="unknown keys"):
         TTTConfig.from_dict({"chunk": 3})
+
+
+@pytest.mark.parametrize("depthwise", [True, False])
+def test_target_conv_never_reads_the_next_chunk(depthwise):
+    # The earlier attempt's conv ran over the whole sequence, so the last step of chunk i saw the
+    # first step of chunk i+1 and delta i leaked the future.
+    base = build_tiny_lm()
+    cfg = TTTConfig(chunk_size=C, layers=[0], target_source="hidden", conv_kernel_size=3, conv_depthwise=depthwise)
+    gating = ttt_gatings(apply_ttt(base, cfg))[0]
+    with torch.no_grad():
+        gating.target_conv.normal_()
+    x = torch.randn(2, 4 * C + 3, 64)
+    v = gating.target(x)
+    y = gating(x)
+    for i in range(4):
+        s = (i + 1) * C
+        x2 = x.clone()
+        x2[:, s:] += torch.randn_like(x2[:, s:])
+        v2 = gating.target(x2)
+        assert torch.equal(v2[:, :s], v[:, :s]), f"V of chunk {i} changed"
+        # Chunk i+1 is computed with W^(i), which depends on chunks <= i only. The hidden source is
+        # also the MLP input here, so only check outputs through chunk i+1 when z is unchanged.
+        x3 = x.clone()
+        x3[:, s:] += 1.0
+        gating_out = gating.forward(x, src=x3)
+        assert torch.equal(gating_out[:, : s + C], y[:, : s + C])
