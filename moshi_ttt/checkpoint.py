@@ -38,14 +38,20 @@ def _require_ttt(model: nn.Module) -> TTTConfig:
     return info.config
 
 
-def ttt_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable TTT tensors of a patched model, keyed by their full parameter names."""
+def ttt_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The trainable TTT tensors of a patched model, keyed by their full parameter names.
+
+    ``state_dict``: take the values from this (e.g. gathered from a sharded model) instead.
+    """
     _require_ttt(model)
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, TTTGating):
             for t in TTT_TENSORS:
-                out[f"{name}.{t}"] = getattr(module, t).detach()
+                key = f"{name}.{t}"
+                out[key] = (state_dict[key] if state_dict is not None else getattr(module, t)).detach()
     return out
 
 
@@ -61,11 +67,13 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
         raise
 
 
-def save_ttt_weights(model: nn.Module, path: str | os.PathLike) -> Path:
+def save_ttt_weights(
+    model: nn.Module, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
     """Write the TTT tensors and config of ``model`` to ``path`` (safetensors, atomically)."""
     config = _require_ttt(model)
     path = Path(path)
-    _atomic_save(ttt_state_dict(model), path, {"format": FORMAT, "ttt_config": config.to_json()})
+    _atomic_save(ttt_state_dict(model, state_dict), path, {"format": FORMAT, "ttt_config": config.to_json()})
     return path
 
 
@@ -125,7 +133,9 @@ def load_ttt_weights(model: nn.Module, path: str | os.PathLike, *, check_config:
             params[k].copy_(t.to(params[k].dtype))
 
 
-def to_moshi_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def to_moshi_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """A state dict in moshi's own layout: ``w_down`` becomes ``linear_out.weight``.
 
     Loaded into a vanilla ``LMModel`` it gives the TTT model with its fast weights frozen at
@@ -133,7 +143,7 @@ def to_moshi_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     out = {}
     ttt_prefixes = {name + "." for name, m in model.named_modules() if isinstance(m, TTTGating)}
-    for k, v in model.state_dict().items():
+    for k, v in (model.state_dict() if state_dict is None else state_dict).items():
         prefix = next((p for p in ttt_prefixes if k.startswith(p)), None)
         if prefix is None:
             out[k] = v

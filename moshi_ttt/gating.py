@@ -92,6 +92,8 @@ class TTTGating(StreamingModule[_TTTState]):
         self.target_conv = nn.Parameter(torch.zeros(d, 1 if config.conv_depthwise else d, K, **factory))
         self.target_proj = nn.Parameter(torch.empty(d, d, **factory))
         self.reset_target_parameters()
+        self.record_stats = False  # training telemetry: set to keep last_update_norm of the next forward
+        self.last_update_norm: torch.Tensor | None = None
         self._register_load_state_dict_pre_hook(self._map_vanilla_keys)
 
     @classmethod
@@ -190,6 +192,11 @@ class TTTGating(StreamingModule[_TTTState]):
             form=self.config.fast_form,
             return_final=False,
         )
+        if self.record_stats:
+            with torch.no_grad():
+                # Frobenius norm of the whole sequence's accumulated update eta * V^T Z, mean over batch.
+                upd = torch.bmm(v.detach().float().transpose(1, 2), z.detach().float())
+                self.last_update_norm = (self.config.eta * upd).norm(dim=(1, 2)).mean()
         return out
 
     # ---------------------------------------------------------------- streaming

@@ -168,6 +168,11 @@ class _TTTChunkedFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_out, g_final=None):  # type: ignore[override]
+        with torch.autocast(device_type=g_out.device.type, enabled=False):
+            return _TTTChunkedFn._backward(ctx, g_out, g_final)
+
+    @staticmethod
+    def _backward(ctx, g_out, g_final):
         z, v, w0, *scores = ctx.saved_tensors
         eta, chunk_size, form, cdt = ctx.cfg
         B, T, h = z.shape
@@ -250,7 +255,9 @@ def ttt_chunked(
         form = choose_form(T, d, h)
     if form not in ("dual", "scan"):
         raise ValueError(f"form must be 'auto', 'dual' or 'scan', got {form!r}")
-    res = _TTTChunkedFn.apply(z, v, w0, float(eta), chunk_size, form, return_final)
+    # Fast-weight math stays float32 under bf16 autocast too (the function casts explicitly).
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        res = _TTTChunkedFn.apply(z, v, w0, float(eta), chunk_size, form, return_final)
     if return_final:
         return res[0], res[1]
     return res, None

@@ -348,7 +348,9 @@ def test_target_conv_never_reads_the_next_chunk(depthwise):
     # The earlier attempt's conv ran over the whole sequence, so the last step of chunk i saw the
     # first step of chunk i+1 and delta i leaked the future.
     base = build_tiny_lm()
-    cfg = TTTConfig(chunk_size=C, layers=[0], target_source="hidden", conv_kernel_size=3, conv_depthwise=depthwise)
+    cfg = TTTConfig(
+        chunk_size=C, layers=[0], target_source="hidden", conv_kernel_size=3, conv_depthwise=depthwise
+    )
     gating = ttt_gatings(apply_ttt(base, cfg))[0]
     with torch.no_grad():
         gating.target_conv.normal_()

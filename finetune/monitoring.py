@@ -1,0 +1,69 @@
+"""Console progress, ``metrics.jsonl`` and Weights & Biases (rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("finetune")
+
+
+def setup_logging(is_main: bool) -> None:
+    level = logging.INFO if is_main else logging.WARNING
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+
+
+def fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Metrics:
+    """Appends one JSON object per event to ``run_dir/metrics.jsonl`` and mirrors it to wandb."""
+
+    def __init__(self, run_dir: Path, enabled: bool, wandb_run=None) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb_run = wandb_run
+
+    def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": step, "time": time.time(), **values}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"{kind}/{k}": v for k, v in values.items()}, step=step)
+
+
+def init_wandb(cfg, run_dir: Path, run_id: str | None, config_dict: dict[str, Any]):
+    """Start (or resume, with the saved ``run_id``) a wandb run; None when wandb is not configured."""
+    w = cfg.wandb
+    if w.project is None or w.mode == "disabled":
+        return None
+    import wandb
+
+    if w.mode == "online" and not os.environ.get("WANDB_API_KEY") and not (Path.home() / ".netrc").exists():
+        logger.warning("wandb.mode is online but WANDB_API_KEY is not set; wandb will ask or fail to log in")
+    return wandb.init(
+        project=w.project,
+        entity=w.entity,
+        name=w.run_name or run_dir.name,
+        id=run_id,
+        resume="allow",
+        dir=str(run_dir),
+        mode=w.mode,
+        tags=w.tags or None,
+        config=config_dict,
+    )

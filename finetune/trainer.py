@@ -1,0 +1,394 @@
+"""The training loop: one function, :func:`train`, used by ``train.py`` under torchrun or alone."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from moshi_ttt import ttt_gatings
+
+from . import distributed as D
+from .args import TrainConfig, config_to_yaml
+from .checkpointing import clean_stale_tmp, load_checkpoint, resolve_resume, save_checkpoint
+from .data import BatchPlan, ResumableLoader, SyntheticCodes, eval_batches
+from .loss import compute_loss
+from .model import build_model, param_table
+from .monitoring import Metrics, fmt_duration, init_wandb, setup_logging
+from .optim import build_optimizer
+from .schema import ConfigError, to_dict
+
+logger = logging.getLogger("finetune")
+
+# Changing these between a checkpoint and its resume changes shapes, the trained parameter set or the
+# meaning of the saved data position: refused. Anything else that differs is allowed with a warning.
+_FIXED_KEYS = (
+    "model",
+    "lora",
+    "finetune",
+    "ttt.enabled",
+    "ttt.layers",
+    "ttt.start_layer",
+    "ttt.layer_frequency",
+    "ttt.conv_kernel_size",
+    "ttt.conv_depthwise",
+    "ttt.target_source",
+    "ttt.freeze_slow_weights",
+    "ttt.train_w_down",
+    "batch_size",
+    "data",
+    "seed",
+)
+
+
+def _get(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part, {}) if isinstance(d, dict) else {}
+    return d
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_resume_compatible(
+    saved: dict[str, Any], current: dict[str, Any], saved_world: int, world: int
+) -> None:
+    bad = [k for k in _FIXED_KEYS if _get(saved, k) != _get(current, k)]
+    if saved_world != world:
+        bad.append(f"world size ({saved_world} -> {world} processes)")
+    if bad:
+        raise ConfigError(
+            f"cannot resume: the checkpoint was trained with different {', '.join(bad)}; these change shapes, "
+            "the trained parameters or the data order. Use the original settings, or start a new run_dir"
+        )
+    fs, fc = _flatten(saved), _flatten(current)
+    changed = sorted(k for k in set(fs) | set(fc) if fs.get(k) != fc.get(k) and k not in ("resume",))
+    if changed:
+        logger.warning(
+            "resuming with changed settings: %s",
+            ", ".join(f"{k}: {fs.get(k)!r} -> {fc.get(k)!r}" for k in changed),
+        )
+
+
+def build_datasets(cfg: TrainConfig, model) -> tuple[Any, Any]:
+    if cfg.data.source == "synthetic":
+        common = dict(
+            num_frames=cfg.data.num_frames,
+            n_q=model.n_q,
+            card=model.card,
+            text_card=model.text_card,
+            text_padding_id=model.text_padding_token_id,
+        )
+        train = SyntheticCodes(cfg.data.synthetic.num_train, seed=cfg.seed, **common)
+        evals = SyntheticCodes(cfg.data.synthetic.num_eval, seed=cfg.seed + 7919, **common)
+        return train, evals
+    raise ConfigError(
+        "data.source: manifest datasets (moshi-finetune jsonl + stereo wav + alignments) are not supported "
+        "by this version yet; use data.source: synthetic"
+    )
+
+
+def _wrap(model: nn.Module, cfg: TrainConfig, dist_info: D.DistInfo) -> nn.Module:
+    if not dist_info.distributed:
+        return model
+    if cfg.distributed.strategy == "ddp":
+        return nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda" else None,
+            broadcast_buffers=False,
+        )
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if _use_bf16(cfg, dist_info) else None, reduce_dtype=torch.float32
+    )
+    for p in model.parameters():  # FSDP shards uniform float32 parameters; bf16 compute via the policy
+        p.data = p.data.float()
+    for layer in model.transformer.layers:
+        fully_shard(layer, mp_policy=mp)
+    if model.depformer is not None:
+        for layer in model.depformer.layers:
+            fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def _use_bf16(cfg: TrainConfig, dist_info: D.DistInfo) -> bool:
+    if cfg.precision == "bf16":
+        return True
+    return cfg.precision == "auto" and dist_info.device.type == "cuda"
+
+
+def _autocast(cfg: TrainConfig, dist_info: D.DistInfo):
+    """bf16 autocast on GPU (FSDP casts through its mixed-precision policy instead)."""
+    fsdp = dist_info.distributed and cfg.distributed.strategy == "fsdp"
+    if _use_bf16(cfg, dist_info) and not fsdp:
+        return torch.autocast(device_type=dist_info.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _loss_kwargs(cfg: TrainConfig, model) -> dict[str, Any]:
+    return dict(
+        text_padding_ids=(model.text_padding_token_id, model.end_of_text_padding_id),
+        text_weight=cfg.loss.text_weight,
+        audio_weight=cfg.loss.audio_weight,
+        first_codebook_weight=cfg.loss.first_codebook_weight,
+        text_padding_weight=cfg.loss.text_padding_weight,
+    )
+
+
+@torch.no_grad()
+def evaluate(model, base, dataset, cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, float]:
+    """Held-out loss and unweighted NLL / perplexity (exp of the per-token NLL in nats)."""
+    model.eval()
+    sums = torch.zeros(6, device=dist_info.device, dtype=torch.float64)  # loss, text, n, audio, n, batches
+    for codes in eval_batches(
+        dataset, cfg.batch_size, cfg.eval.num_batches, dist_info.rank, dist_info.world_size
+    ):
+        codes = codes.to(dist_info.device)
+        with _autocast(cfg, dist_info):
+            out = model(codes)
+        p = compute_loss(out, codes, **_loss_kwargs(cfg, base))
+        one = torch.ones((), device=sums.device)
+        sums += torch.stack(
+            [p.loss.detach(), p.text_nll_sum, p.text_count, p.audio_nll_sum, p.audio_count, one]
+        )
+    sums = D.all_reduce_sum(sums)
+    model.train()
+    text_nll = (sums[1] / sums[2]).item()
+    audio_nll = (sums[3] / sums[4]).item()
+    nll = ((sums[1] + sums[3]) / (sums[2] + sums[4])).item()
+    return {
+        "loss": (sums[0] / sums[5]).item(),
+        "text_nll": text_nll,
+        "audio_nll": audio_nll,
+        "text_ppl": math.exp(min(text_nll, 50)),
+        "audio_ppl": math.exp(min(audio_nll, 50)),
+        "ppl": math.exp(min(nll, 50)),
+    }
+
+
+def ttt_telemetry(base) -> dict[str, float]:
+    """Per TTT layer: norm of the last sequence's accumulated update and of w_down - w_down_pretrained."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for i, g in ttt_gatings(base).items():
+        w = g.w_down.detach()
+        if isinstance(w, DTensor):
+            w = w.full_tensor()
+        out[f"ttt/layer{i}/w_down_drift"] = (w.float() - g.w_down_pretrained).norm().item()
+        if g.last_update_norm is not None:
+            out[f"ttt/layer{i}/update_norm"] = g.last_update_norm.item()
+            g.last_update_norm = None
+    return out
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Fine-tune per ``cfg``; returns a summary (final step, last losses, run directory)."""
+    dist_info = D.init_distributed(cfg.device, cfg.distributed.backend)
+    setup_logging(dist_info.is_main)
+    try:
+        return _train(cfg, dist_info)
+    finally:
+        D.destroy()
+
+
+def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
+    run_dir = Path(cfg.run_dir)
+    resume_path = resolve_resume(cfg)
+    cfg_dict = to_dict(cfg)
+    trainer_state: dict[str, Any] = {}
+    if resume_path is not None:
+        saved_cfg = yaml.safe_load((resume_path / "config.yaml").read_text())
+        trainer_state = torch.load(resume_path / "trainer_state.pt", weights_only=True, map_location="cpu")
+        check_resume_compatible(saved_cfg, cfg_dict, trainer_state["world_size"], dist_info.world_size)
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale_tmp(run_dir)
+        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    D.barrier()
+
+    built = build_model(cfg, dist_info.device)
+    base = built.model
+    base.train()
+    logger.info("trainable parameters (finetune=%s):\n%s", cfg.finetune, param_table(base))
+    train_set, eval_set = build_datasets(cfg, base)
+    plan = BatchPlan(len(train_set), cfg.batch_size, dist_info.rank, dist_info.world_size, seed=cfg.seed)
+    loader = ResumableLoader(train_set, plan, num_workers=cfg.data.num_workers)
+
+    model = _wrap(base, cfg, dist_info)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    start_step = 0
+    nonfinite_run = 0
+    wandb_id = uuid.uuid4().hex[:12]
+    if resume_path is not None:
+        state = load_checkpoint(
+            resume_path, model=model, optimizer=optimizer, scheduler=scheduler, dist_info=dist_info
+        )
+        start_step = int(state["step"])
+        loader.load_state_dict(state["data"])
+        nonfinite_run = int(state.get("nonfinite_run", 0))
+        wandb_id = state.get("wandb_id") or wandb_id
+        _apply_new_lrs(optimizer, scheduler, cfg)
+        logger.info("resumed from %s at step %d", resume_path, start_step)
+    wandb_run = init_wandb(cfg, run_dir, wandb_id, cfg_dict) if dist_info.is_main else None
+    metrics = Metrics(run_dir, dist_info.is_main, wandb_run)
+    gatings = list(ttt_gatings(base).values()) if cfg.ttt.enabled else []
+
+    frames_per_step = cfg.batch_size * cfg.grad_accum * dist_info.world_size * cfg.data.num_frames
+    it = iter(loader)
+    last: dict[str, Any] = {}
+    t_start, steps_timed = time.time(), 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    for step in range(start_step + 1, cfg.max_steps + 1):
+        t0 = time.time()
+        log_now = step % cfg.log_interval == 0 or step == cfg.max_steps or step == start_step + 1
+        optimizer.zero_grad(set_to_none=True)
+        acc = torch.zeros(5, device=dist_info.device, dtype=torch.float64)
+        for micro in range(cfg.grad_accum):
+            codes = next(it).to(dist_info.device)
+            for g in gatings:
+                g.record_stats = log_now and micro == 0
+            sync = micro == cfg.grad_accum - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
+            with model.no_sync() if not sync else contextlib.nullcontext(), _autocast(cfg, dist_info):
+                out = model(codes)
+                parts = compute_loss(out, codes, **_loss_kwargs(cfg, base))
+                (parts.loss / cfg.grad_accum).backward()
+            acc += torch.stack(
+                [
+                    parts.loss.detach(),
+                    parts.text_nll_sum,
+                    parts.text_count,
+                    parts.audio_nll_sum,
+                    parts.audio_count,
+                ]
+            ).double()
+        max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        acc = D.all_reduce_sum(acc)
+        loss = (acc[0] / (cfg.grad_accum * dist_info.world_size)).item()
+        finite = math.isfinite(loss) and math.isfinite(float(grad_norm))
+        if finite:
+            optimizer.step()
+            nonfinite_run = 0
+        else:
+            nonfinite_run += 1
+            optimizer.zero_grad(set_to_none=True)
+            logger.warning(
+                "step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row)",
+                step,
+                loss,
+                float(grad_norm),
+                nonfinite_run,
+            )
+            metrics.log(
+                "skip", step, {"loss": loss, "grad_norm": float(grad_norm), "in_a_row": nonfinite_run}
+            )
+            if nonfinite_run >= cfg.max_nonfinite_steps:
+                raise RuntimeError(
+                    f"{nonfinite_run} consecutive steps had a non-finite loss or gradient (last at step {step}); "
+                    "stopping. Lower optim.lr or ttt.eta, or check the data; the last checkpoint is intact"
+                )
+        scheduler.step()
+        if step > start_step + 1:
+            steps_timed += 1
+        dt = time.time() - t0
+        last = {
+            "loss": loss,
+            "text_nll": (acc[1] / acc[2]).item(),
+            "audio_nll": (acc[3] / acc[4]).item(),
+            "grad_norm": float(grad_norm),
+            "lr": scheduler.get_last_lr()[0],
+        }
+        if log_now:
+            elapsed = time.time() - t_start
+            per_step = elapsed / max(1, step - start_step)
+            values = dict(last, tokens_per_s=frames_per_step / max(dt, 1e-9), step_time=dt)
+            for group in optimizer.param_groups:
+                values[f"lr/{group.get('name', 'group')}"] = group["lr"]
+            if gatings:
+                values.update(ttt_telemetry(base))
+            metrics.log("train", step, values)
+            logger.info(
+                "step %d/%d | loss %.4f (text %.3f, audio %.3f) | grad %.2f | lr %.2e | %.0f tok/s | eta %s",
+                step,
+                cfg.max_steps,
+                loss,
+                last["text_nll"],
+                last["audio_nll"],
+                last["grad_norm"],
+                last["lr"],
+                values["tokens_per_s"],
+                fmt_duration(per_step * (cfg.max_steps - step)),
+            )
+        is_last = step == cfg.max_steps
+        if (cfg.eval.interval and step % cfg.eval.interval == 0) or is_last:
+            ev = evaluate(model, base, eval_set, cfg, dist_info)
+            metrics.log("eval", step, ev)
+            last.update({f"eval_{k}": v for k, v in ev.items()})
+            logger.info(
+                "eval step %d | loss %.4f | text nll %.3f (ppl %.2f) | audio nll %.3f (ppl %.2f)",
+                step,
+                ev["loss"],
+                ev["text_nll"],
+                ev["text_ppl"],
+                ev["audio_nll"],
+                ev["audio_ppl"],
+            )
+        if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or is_last:
+            save_checkpoint(
+                step=step,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                data_state=loader.state_dict(),
+                extra={"nonfinite_run": nonfinite_run, "wandb_id": wandb_id},
+                config_yaml=config_to_yaml(cfg),
+                raw_config=built.raw_config,
+                cfg=cfg,
+                dist_info=dist_info,
+            )
+    if wandb_run is not None:
+        wandb_run.finish()
+    logger.info(
+        "done: %d steps in %s, run directory %s",
+        cfg.max_steps - start_step,
+        fmt_duration(time.time() - t_start),
+        run_dir,
+    )
+    return {"step": cfg.max_steps, "run_dir": str(run_dir), **last}
+
+
+def _apply_new_lrs(optimizer, scheduler, cfg: TrainConfig) -> None:
+    """A changed optim.lr / optim.ttt_lr takes effect on resume (the scheduler keeps its position)."""
+    for i, group in enumerate(optimizer.param_groups):
+        is_ttt = group.get("name", "").startswith("ttt")
+        lr = cfg.optim.ttt_lr if (is_ttt and cfg.optim.ttt_lr is not None) else cfg.optim.lr
+        if not math.isclose(scheduler.base_lrs[i], lr):
+            logger.warning(
+                "learning rate of group %s changed on resume: %g -> %g",
+                group.get("name"),
+                scheduler.base_lrs[i],
+                lr,
+            )
+            scheduler.base_lrs[i] = lr
+            group["initial_lr"] = lr
+            group["lr"] = lr * scheduler.lr_lambdas[i](scheduler.last_epoch)
