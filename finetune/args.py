@@ -212,6 +212,13 @@ class TrainConfig:
             raise ConfigError(
                 "model.tiny: only used with model.source tiny; remove it or set model.source: tiny"
             )
+        if self.model.source == "tiny" and self.ttt.enabled:
+            from moshi_ttt.tiny import tiny_lm_kwargs
+
+            try:
+                self.ttt.resolve_layers(tiny_lm_kwargs(**self.model.tiny)["num_layers"])
+            except ValueError as e:
+                raise ConfigError(f"ttt: {e}") from e
         if self.precision == "bf16" and self.device == "cpu":
             raise ConfigError("precision: bf16 runs on GPU; on CPU use fp32 (or auto)")
         if self.resume not in ("auto", "never") and not Path(self.resume).exists():

@@ -1,13 +1,17 @@
-"""Text + audio cross entropy over moshi's valid positions.
+"""Text + audio cross entropy over moshi's valid positions, normalised over the global batch.
 
 moshi's ``LMOutput`` holds NaN at positions cut off by the codebook delays and at ``-1`` (zero-token)
-targets; ``out.mask`` / ``out.text_mask`` mark the valid ones. Logits are always indexed with the
-mask (``loss * mask`` over all positions would turn NaN * 0 into NaN).
+targets; ``out.mask`` / ``out.text_mask`` mark the valid ones, and logits are always indexed with
+them (``loss * mask`` over all positions would turn NaN * 0 into NaN).
 
-The training loss is ``text_weight * text_ce + audio_weight * audio_ce`` where each CE is a weighted
-mean (moshi-finetune's options: the first, semantic, codebook's weight is multiplied by
-``first_codebook_weight``; PAD / end-of-padding text targets get ``text_padding_weight``). The
-unweighted per-token NLLs are returned too: they are what perplexity (``exp``) is computed from.
+Each target has a weight (moshi-finetune's options: the first, semantic, codebook's weight is
+multiplied by ``first_codebook_weight``; PAD / end-of-padding text targets get
+``text_padding_weight``). The objective is ``text_weight * sum(w * ce_text) / sum(w_text) +
+audio_weight * sum(w * ce_audio) / sum(w_audio)`` with the sums taken over the *global* batch (all
+micro-batches on all ranks): :func:`target_weights` computes the weights from the codes alone, before
+the forward pass, so the trainer can all-reduce the normalisers first. The result does not depend on
+how the global batch is split over processes and accumulation steps. Unweighted NLL sums are returned
+too: perplexity is ``exp`` of their per-token mean (in nats).
 """
 
 from __future__ import annotations
@@ -20,47 +24,60 @@ from torch.nn import functional as F
 
 @dataclass
 class LossParts:
-    loss: torch.Tensor  # the weighted training objective (differentiable)
+    loss: torch.Tensor  # the weighted objective of this micro-batch (differentiable)
     text_nll_sum: torch.Tensor  # unweighted sums and counts, for logging and perplexity
     text_count: torch.Tensor
     audio_nll_sum: torch.Tensor
     audio_count: torch.Tensor
 
 
-def _weighted_ce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
-    ce = F.cross_entropy(logits.float(), targets, reduction="none")
-    weighted = (ce * weights).sum() / weights.sum().clamp_min(1e-8)
-    return weighted, ce.detach().sum(), torch.tensor(ce.numel(), device=ce.device, dtype=torch.float32)
+def target_weights(
+    codes: torch.Tensor,
+    delays: list[int],
+    dep_q: int,
+    *,
+    text_padding_ids: tuple[int, ...] = (3, 0),
+    first_codebook_weight: float = 1.0,
+    text_padding_weight: float = 0.5,
+    zero_token_id: int = -1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-target weights ``([B, 1, T], [B, dep_q, T])``, zero where moshi's masks are False."""
+    B, K, T = codes.shape
+    t = torch.arange(T, device=codes.device)
+    text = codes[:, :1]
+    tw = ((t < T - delays[0]) & (text != zero_token_id)).float()
+    for pad in text_padding_ids:
+        tw = torch.where(text == pad, tw * text_padding_weight, tw)
+    audio = codes[:, 1 : 1 + dep_q]
+    d = torch.tensor(delays[1 : 1 + dep_q], device=codes.device).view(1, dep_q, 1)
+    aw = ((t < T - d) & (audio != zero_token_id)).float()
+    aw[:, 0] *= first_codebook_weight
+    return tw, aw
 
 
 def compute_loss(
     out,
     codes: torch.Tensor,
+    weights: tuple[torch.Tensor, torch.Tensor],
     *,
-    text_padding_ids: tuple[int, ...] = (3, 0),
+    norms: tuple[float, float] | None = None,
     text_weight: float = 1.0,
     audio_weight: float = 1.0,
-    first_codebook_weight: float = 1.0,
-    text_padding_weight: float = 0.5,
 ) -> LossParts:
-    """Loss of a moshi ``LMOutput`` against ``codes [B, 1 + n_q, T]`` (text stream first)."""
+    """Loss of a moshi ``LMOutput`` against ``codes [B, 1 + n_q, T]``.
+
+    ``norms``: the (text, audio) weight sums to divide by; default: this batch's own sums.
+    """
     dep_q = out.logits.shape[1]
-    text_targets = codes[:, :1]  # [B, 1, T]
-    audio_targets = codes[:, 1 : 1 + dep_q]  # [B, dep_q, T]
-
-    tmask = out.text_mask
-    t_tgt = text_targets[tmask]
-    t_w = torch.ones_like(t_tgt, dtype=torch.float32)
-    for pad in text_padding_ids:
-        t_w = torch.where(t_tgt == pad, t_w * text_padding_weight, t_w)
-    text_loss, text_sum, text_n = _weighted_ce(out.text_logits[tmask], t_tgt, t_w)
-
-    amask = out.mask
-    a_tgt = audio_targets[amask]
-    a_w = torch.ones_like(a_tgt, dtype=torch.float32)
-    codebook = torch.arange(dep_q, device=codes.device).view(1, dep_q, 1).expand_as(amask)[amask]
-    a_w = torch.where(codebook == 0, a_w * first_codebook_weight, a_w)
-    audio_loss, audio_sum, audio_n = _weighted_ce(out.logits[amask], a_tgt, a_w)
-
-    loss = text_weight * text_loss + audio_weight * audio_loss
-    return LossParts(loss, text_sum, text_n, audio_sum, audio_n)
+    tw, aw = weights
+    parts = []
+    for logits, mask, targets, w in (
+        (out.text_logits, out.text_mask, codes[:, :1], tw),
+        (out.logits, out.mask, codes[:, 1 : 1 + dep_q], aw),
+    ):
+        ce = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
+        parts.append(((ce * w[mask]).sum(), ce.detach().sum(), torch.tensor(float(ce.numel()), device=ce.device)))
+    (t_num, t_sum, t_n), (a_num, a_sum, a_n) = parts
+    t_den, a_den = norms if norms is not None else (tw.sum(), aw.sum())
+    loss = text_weight * t_num / max(float(t_den), 1e-8) + audio_weight * a_num / max(float(a_den), 1e-8)
+    return LossParts(loss, t_sum, t_n, a_sum, a_n)

@@ -7,6 +7,7 @@ import logging
 import math
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from . import distributed as D
 from .args import TrainConfig, config_to_yaml
 from .checkpointing import clean_stale_tmp, load_checkpoint, resolve_resume, save_checkpoint
 from .data import BatchPlan, ResumableLoader, SyntheticCodes, eval_batches
-from .loss import compute_loss
+from .loss import compute_loss, target_weights
 from .model import build_model, param_table
 from .monitoring import Metrics, fmt_duration, init_wandb, setup_logging
 from .optim import build_optimizer
@@ -142,13 +143,21 @@ def _autocast(cfg: TrainConfig, dist_info: D.DistInfo):
     return contextlib.nullcontext()
 
 
-def _loss_kwargs(cfg: TrainConfig, model) -> dict[str, Any]:
-    return dict(
+def _weights(cfg: TrainConfig, model, codes: torch.Tensor):
+    return target_weights(
+        codes,
+        list(model.delays),
+        model.dep_q,
         text_padding_ids=(model.text_padding_token_id, model.end_of_text_padding_id),
-        text_weight=cfg.loss.text_weight,
-        audio_weight=cfg.loss.audio_weight,
         first_codebook_weight=cfg.loss.first_codebook_weight,
         text_padding_weight=cfg.loss.text_padding_weight,
+        zero_token_id=model.zero_token_id,
+    )
+
+
+def _loss(cfg: TrainConfig, out, codes, weights, norms=None):
+    return compute_loss(
+        out, codes, weights, norms=norms, text_weight=cfg.loss.text_weight, audio_weight=cfg.loss.audio_weight
     )
 
 
@@ -163,7 +172,7 @@ def evaluate(model, base, dataset, cfg: TrainConfig, dist_info: D.DistInfo) -> d
         codes = codes.to(dist_info.device)
         with _autocast(cfg, dist_info):
             out = model(codes)
-        p = compute_loss(out, codes, **_loss_kwargs(cfg, base))
+        p = _loss(cfg, out, codes, _weights(cfg, base, codes))
         one = torch.ones((), device=sums.device)
         sums += torch.stack(
             [p.loss.detach(), p.text_nll_sum, p.text_count, p.audio_nll_sum, p.audio_count, one]
@@ -261,30 +270,29 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
         log_now = step % cfg.log_interval == 0 or step == cfg.max_steps or step == start_step + 1
         optimizer.zero_grad(set_to_none=True)
         acc = torch.zeros(5, device=dist_info.device, dtype=torch.float64)
-        for micro in range(cfg.grad_accum):
-            codes = next(it).to(dist_info.device)
+        micro_batches = [next(it).to(dist_info.device) for _ in range(cfg.grad_accum)]
+        weights = [_weights(cfg, base, codes) for codes in micro_batches]
+        # Normalise by the global batch's weight sums (all micro-batches, all ranks); DDP and FSDP average
+        # gradients over ranks, hence the division by the world size.
+        local = torch.stack([torch.stack([tw.sum(), aw.sum()]) for tw, aw in weights]).sum(0).double()
+        norms = (D.all_reduce_sum(local) / dist_info.world_size).tolist()
+        for micro, (codes, w) in enumerate(zip(micro_batches, weights)):
             for g in gatings:
                 g.record_stats = log_now and micro == 0
             sync = micro == cfg.grad_accum - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
             with model.no_sync() if not sync else contextlib.nullcontext(), _autocast(cfg, dist_info):
                 out = model(codes)
-                parts = compute_loss(out, codes, **_loss_kwargs(cfg, base))
-                (parts.loss / cfg.grad_accum).backward()
+                parts = _loss(cfg, out, codes, w, norms)
+                parts.loss.backward()
             acc += torch.stack(
-                [
-                    parts.loss.detach(),
-                    parts.text_nll_sum,
-                    parts.text_count,
-                    parts.audio_nll_sum,
-                    parts.audio_count,
-                ]
+                [parts.loss.detach(), parts.text_nll_sum, parts.text_count, parts.audio_nll_sum, parts.audio_count]
             ).double()
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         acc = D.all_reduce_sum(acc)
-        loss = (acc[0] / (cfg.grad_accum * dist_info.world_size)).item()
+        loss = (acc[0] / dist_info.world_size).item()
         finite = math.isfinite(loss) and math.isfinite(float(grad_norm))
         if finite:
             optimizer.step()
@@ -307,7 +315,9 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
                     f"{nonfinite_run} consecutive steps had a non-finite loss or gradient (last at step {step}); "
                     "stopping. Lower optim.lr or ttt.eta, or check the data; the last checkpoint is intact"
                 )
-        scheduler.step()
+        with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            scheduler.step()
         if step > start_step + 1:
             steps_timed += 1
         dt = time.time() - t0

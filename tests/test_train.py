@@ -1,0 +1,247 @@
+"""Training: configs, exact resume, crash safety, distributed equivalence, moshi-loadable exports."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from finetune.args import TrainConfig, load_config
+from finetune.checkpointing import list_checkpoints
+from finetune.schema import ConfigError, from_dict
+from finetune.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(run_dir, **over) -> TrainConfig:
+    base = {
+        "run_dir": str(run_dir),
+        "device": "cpu",
+        "finetune": "full",
+        "batch_size": 2,
+        "max_steps": 6,
+        "log_interval": 1,
+        "model": {"source": "tiny", "tiny": {"dim": 32, "num_layers": 2, "context": 8, "num_heads": 2}},
+        "ttt": {"layers": [1], "chunk_size": 4, "eta": 0.05},
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
+        "data": {"duration_sec": 2.0, "synthetic": {"num_train": 64, "num_eval": 4}},
+        "eval": {"interval": 0, "num_batches": 2},
+        "checkpoint": {"interval": 3, "keep_last": 0},
+    }
+    return load_config(None, _flatten(over, base))
+
+
+def _flatten(over, base):
+    from finetune.schema import apply_overrides
+
+    return apply_overrides(base, over)
+
+
+def losses(run_dir) -> dict[int, float]:
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] == "train":
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def final_weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(list_checkpoints(run_dir)[-1][1] / "trainable.safetensors"))
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    data = yaml.safe_load(path.read_text())
+    if "base" in data and "grid" in data:  # a sweep file: its base config must validate
+        return
+    load_config(path)
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"optim.lrr": 1}, r"unknown key optim.lrr; allowed in optim: .*lr"),
+        ({"batch_size": "four"}, r"batch_size: expected an integer, got 'four'"),
+        ({"finetune": "partial"}, r"finetune: 'partial' is not allowed; choose one of 'lora', 'full', 'ttt_only'"),
+        ({"ttt.target_source": "audio"}, r"TTTConfig.target_source"),
+        ({"ttt.chunk_size": 0}, r"TTTConfig.chunk_size"),
+        ({"finetune": "ttt_only", "ttt.enabled": False}, r"ttt_only .* ttt.enabled is false"),
+        ({"data.source": "manifest"}, r"data.train: the path of a .jsonl manifest is required"),
+        ({"model.source": "local"}, r"model.source local needs model.config_path"),
+        ({"max_steps": 0}, r"max_steps: must be >= 1"),
+        ({"optim.betas": [0.9]}, r"optim.betas"),
+    ],
+)
+def test_bad_config_is_refused_with_the_key(tmp_path, over, match):
+    with pytest.raises(ConfigError, match=match):
+        tiny_cfg(tmp_path, **over)
+
+
+def test_overrides_parse_strings_by_type(tmp_path):
+    cfg = tiny_cfg(tmp_path, **{"ttt.layers": "[0, 1]", "ttt.eta": "3e-2", "model.gradient_checkpointing": "true"})
+    assert cfg.ttt.layers == [0, 1] and cfg.ttt.eta == 0.03 and cfg.model.gradient_checkpointing is True
+    assert from_dict(TrainConfig, {}).ttt.chunk_size == 512
+
+
+def test_cli_reports_config_errors_and_saves_resolved_config(tmp_path):
+    env = dict(os.environ, NO_TORCH_COMPILE="1")
+    bad = subprocess.run(
+        [sys.executable, "train.py", "configs/tiny.yaml", "--optim.lrr=1"],
+        cwd=ROOT, capture_output=True, text=True, env=env,
+    )
+    assert bad.returncode == 2 and "unknown key optim.lrr" in bad.stderr
+
+
+# ---------------------------------------------------------------- training and resume
+
+
+def test_loss_decreases_and_checkpoint_layout(tmp_path):
+    cfg = tiny_cfg(tmp_path / "run", max_steps=30, **{"optim.lr": 3e-3, "checkpoint.interval": 0})
+    summary = train(cfg)
+    ls = losses(tmp_path / "run")
+    assert sum(ls[s] for s in range(26, 31)) < sum(ls[s] for s in range(1, 6)) - 1.0
+    ckpt = list_checkpoints(tmp_path / "run")[-1][1]
+    for f in ("trainable.safetensors", "trainer_state.pt", "ttt.safetensors", "config.yaml", "meta.json",
+              "moshi/config.json", "moshi/model.safetensors"):
+        assert (ckpt / f).is_file(), f
+    assert summary["eval_ppl"] == pytest.approx(torch.tensor(summary["eval_ppl"]).item())
+    rec = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    ev = [r for r in rec if r["kind"] == "eval"][-1]
+    nll = (ev["text_nll"], ev["audio_nll"])
+    assert ev["text_ppl"] == pytest.approx(torch.tensor(nll[0]).exp().item(), rel=1e-6)  # exp, not 2**
+    tr = [r for r in rec if r["kind"] == "train"][-1]
+    assert tr["ttt/layer1/update_norm"] > 0 and tr["ttt/layer1/w_down_drift"] > 0
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_resume_equals_straight_run(tmp_path, mode):
+    over = {"finetune": mode, "grad_accum": 2}
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(tiny_cfg(straight, **over))  # 6 steps, checkpoints at 3 and 6
+    # The same run interrupted after step 3: only the step-3 checkpoint and the first 3 log lines exist.
+    shutil.copytree(straight, split)
+    shutil.rmtree(split / "checkpoints" / "step_000006")
+    lines = (split / "metrics.jsonl").read_text().splitlines()
+    (split / "metrics.jsonl").write_text("".join(x + "\n" for x in lines if json.loads(x)["step"] <= 3))
+    train(tiny_cfg(split, **over))  # resume: auto, from step 3
+    a, b = losses(straight), losses(split)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for s in range(4, 7):
+        assert b[s] == pytest.approx(a[s], rel=1e-6, abs=1e-6), s
+    wa, wb = final_weights(straight), final_weights(split)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_refuses_shape_changes_and_warns_on_lr(tmp_path, capsys):
+    train(tiny_cfg(tmp_path / "r", max_steps=3))
+    with pytest.raises(ConfigError, match="ttt.layers"):
+        train(tiny_cfg(tmp_path / "r", **{"ttt.layers": [0]}))
+    with pytest.raises(ConfigError, match="model"):
+        train(tiny_cfg(tmp_path / "r", **{"model.tiny.dim": 64}))
+    train(tiny_cfg(tmp_path / "r", max_steps=4, **{"optim.lr": 5e-4}))
+    assert "learning rate of group ttt changed on resume: 0.001 -> 0.0005" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="already has checkpoints and resume is 'never'"):
+        train(tiny_cfg(tmp_path / "r", resume="never"))
+
+
+def test_sigkill_mid_training_resumes_with_checkpoints_intact(tmp_path):
+    run = tmp_path / "killed"
+    args = [
+        sys.executable, "train.py", "configs/tiny.yaml", f"--run_dir={run}", "--max_steps=400",
+        "--checkpoint.interval=5", "--checkpoint.keep_last=0", "--eval.interval=0", "--log_interval=1",
+    ]
+    env = dict(os.environ, NO_TORCH_COMPILE="1")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list_checkpoints(run)) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = list_checkpoints(run)
+    assert len(before) >= 2
+    snapshot = {p: (p / "trainable.safetensors").read_bytes() for _, p in before}
+    last_step = before[-1][0]
+    done = subprocess.run(
+        args[:4] + [f"--max_steps={last_step + 3}"] + args[5:], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = list_checkpoints(run)
+    assert after[-1][0] == last_step + 3
+    assert not list((run / "checkpoints").glob(".tmp.*"))
+    for p, content in snapshot.items():
+        assert (p / "trainable.safetensors").read_bytes() == content
+    assert f"resumed from {before[-1][1]}" in done.stdout
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
+    cfg = tiny_cfg(tmp_path / "nan", max_steps=8, max_nonfinite_steps=3, **{"ttt.eta": 1e30})
+    with pytest.raises(RuntimeError, match="3 consecutive steps had a non-finite loss"):
+        train(cfg)
+    rec = [json.loads(x) for x in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["in_a_row"] for r in rec if r["kind"] == "skip"] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------- modes and exports
+
+
+def _trainable_groups(run_dir):
+    ckpt = list_checkpoints(run_dir)[-1][1]
+    return set(load_file(str(ckpt / "trainable.safetensors")))
+
+
+def test_finetune_modes_train_the_right_parameters(tmp_path):
+    train(tiny_cfg(tmp_path / "t", max_steps=1, finetune="ttt_only"))
+    keys = _trainable_groups(tmp_path / "t")
+    assert keys == {f"transformer.layers.1.gating.{n}" for n in ("w_down", "target_conv", "target_proj")}
+    train(tiny_cfg(tmp_path / "l", max_steps=1, finetune="lora", **{"ttt.freeze_slow_weights": True,
+                                                                     "ttt.train_w_down": False}))
+    keys = _trainable_groups(tmp_path / "l")
+    assert all("lora_" in k or k.endswith(("target_conv", "target_proj")) for k in keys)
+    assert not any(k.startswith("transformer.layers.1.gating.linear_in") for k in keys)
+    assert "transformer.layers.1.gating.w_down" not in keys
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_moshi_export_loads_in_moshi_and_matches_without_updates(tmp_path, mode):
+    from moshi.models import loaders
+
+    from moshi_ttt import apply_ttt, load_ttt_config, load_ttt_weights, ttt_gatings
+
+    train(tiny_cfg(tmp_path / "e", max_steps=2, finetune=mode))
+    ckpt = list_checkpoints(tmp_path / "e")[-1][1]
+    raw = json.loads((ckpt / "moshi" / "config.json").read_text())
+    assert not any(k.startswith("ttt") for k in raw)
+    info = loaders.CheckpointInfo.from_hf_repo(
+        "local/none",
+        moshi_weights=ckpt / "moshi" / "model.safetensors",
+        mimi_weights=ckpt / "moshi" / "model.safetensors",
+        tokenizer=ckpt / "moshi" / "config.json",
+        config_path=ckpt / "moshi" / "config.json",
+        lora_weights=(ckpt / "moshi" / "lora.safetensors") if mode == "lora" else None,
+    )
+    vanilla = info.get_moshi(device="cpu", dtype=torch.float32)
+    ttt = info.get_moshi(device="cpu", dtype=torch.float32)
+    apply_ttt(ttt, load_ttt_config(ckpt / "ttt.safetensors"))
+    load_ttt_weights(ttt, ckpt / "ttt.safetensors")
+    codes = torch.cat([torch.randint(0, 100, (1, 1, 20)), torch.randint(0, 64, (1, 4, 20))], 1)
+    with torch.no_grad():
+        a = vanilla(codes).text_logits
+        for g in ttt_gatings(ttt).values():
+            g.config.eta = 0.0
+        b = ttt(codes).text_logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
