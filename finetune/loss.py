@@ -76,7 +76,9 @@ def compute_loss(
         (out.logits, out.mask, codes[:, 1 : 1 + dep_q], aw),
     ):
         ce = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
-        parts.append(((ce * w[mask]).sum(), ce.detach().sum(), torch.tensor(float(ce.numel()), device=ce.device)))
+        parts.append(
+            ((ce * w[mask]).sum(), ce.detach().sum(), torch.tensor(float(ce.numel()), device=ce.device))
+        )
     (t_num, t_sum, t_n), (a_num, a_sum, a_n) = parts
     t_den, a_den = norms if norms is not None else (tw.sum(), aw.sum())
     loss = text_weight * t_num / max(float(t_den), 1e-8) + audio_weight * a_num / max(float(a_den), 1e-8)

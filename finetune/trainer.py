@@ -113,19 +113,16 @@ def _wrap(model: nn.Module, cfg: TrainConfig, dist_info: D.DistInfo) -> nn.Modul
             device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda" else None,
             broadcast_buffers=False,
         )
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from .fsdp import shard_model
 
     mp = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if _use_bf16(cfg, dist_info) else None, reduce_dtype=torch.float32
     )
     for p in model.parameters():  # FSDP shards uniform float32 parameters; bf16 compute via the policy
         p.data = p.data.float()
-    for layer in model.transformer.layers:
-        fully_shard(layer, mp_policy=mp)
-    if model.depformer is not None:
-        for layer in model.depformer.layers:
-            fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    shard_model(model, mp)
     return model
 
 
@@ -285,7 +282,13 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
                 parts = _loss(cfg, out, codes, w, norms)
                 parts.loss.backward()
             acc += torch.stack(
-                [parts.loss.detach(), parts.text_nll_sum, parts.text_count, parts.audio_nll_sum, parts.audio_count]
+                [
+                    parts.loss.detach(),
+                    parts.text_nll_sum,
+                    parts.text_count,
+                    parts.audio_nll_sum,
+                    parts.audio_count,
+                ]
             ).double()
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)

@@ -75,7 +75,10 @@ def test_every_shipped_config_validates(path):
     [
         ({"optim.lrr": 1}, r"unknown key optim.lrr; allowed in optim: .*lr"),
         ({"batch_size": "four"}, r"batch_size: expected an integer, got 'four'"),
-        ({"finetune": "partial"}, r"finetune: 'partial' is not allowed; choose one of 'lora', 'full', 'ttt_only'"),
+        (
+            {"finetune": "partial"},
+            r"finetune: 'partial' is not allowed; choose one of 'lora', 'full', 'ttt_only'",
+        ),
         ({"ttt.target_source": "audio"}, r"TTTConfig.target_source"),
         ({"ttt.chunk_size": 0}, r"TTTConfig.chunk_size"),
         ({"finetune": "ttt_only", "ttt.enabled": False}, r"ttt_only .* ttt.enabled is false"),
@@ -91,7 +94,9 @@ def test_bad_config_is_refused_with_the_key(tmp_path, over, match):
 
 
 def test_overrides_parse_strings_by_type(tmp_path):
-    cfg = tiny_cfg(tmp_path, **{"ttt.layers": "[0, 1]", "ttt.eta": "3e-2", "model.gradient_checkpointing": "true"})
+    cfg = tiny_cfg(
+        tmp_path, **{"ttt.layers": "[0, 1]", "ttt.eta": "3e-2", "model.gradient_checkpointing": "true"}
+    )
     assert cfg.ttt.layers == [0, 1] and cfg.ttt.eta == 0.03 and cfg.model.gradient_checkpointing is True
     assert from_dict(TrainConfig, {}).ttt.chunk_size == 512
 
@@ -100,7 +105,10 @@ def test_cli_reports_config_errors_and_saves_resolved_config(tmp_path):
     env = dict(os.environ, NO_TORCH_COMPILE="1")
     bad = subprocess.run(
         [sys.executable, "train.py", "configs/tiny.yaml", "--optim.lrr=1"],
-        cwd=ROOT, capture_output=True, text=True, env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert bad.returncode == 2 and "unknown key optim.lrr" in bad.stderr
 
@@ -114,8 +122,15 @@ def test_loss_decreases_and_checkpoint_layout(tmp_path):
     ls = losses(tmp_path / "run")
     assert sum(ls[s] for s in range(26, 31)) < sum(ls[s] for s in range(1, 6)) - 1.0
     ckpt = list_checkpoints(tmp_path / "run")[-1][1]
-    for f in ("trainable.safetensors", "trainer_state.pt", "ttt.safetensors", "config.yaml", "meta.json",
-              "moshi/config.json", "moshi/model.safetensors"):
+    for f in (
+        "trainable.safetensors",
+        "trainer_state.pt",
+        "ttt.safetensors",
+        "config.yaml",
+        "meta.json",
+        "moshi/config.json",
+        "moshi/model.safetensors",
+    ):
         assert (ckpt / f).is_file(), f
     assert summary["eval_ppl"] == pytest.approx(torch.tensor(summary["eval_ppl"]).item())
     rec = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -162,8 +177,15 @@ def test_resume_refuses_shape_changes_and_warns_on_lr(tmp_path, capsys):
 def test_sigkill_mid_training_resumes_with_checkpoints_intact(tmp_path):
     run = tmp_path / "killed"
     args = [
-        sys.executable, "train.py", "configs/tiny.yaml", f"--run_dir={run}", "--max_steps=400",
-        "--checkpoint.interval=5", "--checkpoint.keep_last=0", "--eval.interval=0", "--log_interval=1",
+        sys.executable,
+        "train.py",
+        "configs/tiny.yaml",
+        f"--run_dir={run}",
+        "--max_steps=400",
+        "--checkpoint.interval=5",
+        "--checkpoint.keep_last=0",
+        "--eval.interval=0",
+        "--log_interval=1",
     ]
     env = dict(os.environ, NO_TORCH_COMPILE="1")
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -177,7 +199,11 @@ def test_sigkill_mid_training_resumes_with_checkpoints_intact(tmp_path):
     snapshot = {p: (p / "trainable.safetensors").read_bytes() for _, p in before}
     last_step = before[-1][0]
     done = subprocess.run(
-        args[:4] + [f"--max_steps={last_step + 3}"] + args[5:], cwd=ROOT, env=env, capture_output=True, text=True
+        args[:4] + [f"--max_steps={last_step + 3}"] + args[5:],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     after = list_checkpoints(run)
@@ -208,8 +234,14 @@ def test_finetune_modes_train_the_right_parameters(tmp_path):
     train(tiny_cfg(tmp_path / "t", max_steps=1, finetune="ttt_only"))
     keys = _trainable_groups(tmp_path / "t")
     assert keys == {f"transformer.layers.1.gating.{n}" for n in ("w_down", "target_conv", "target_proj")}
-    train(tiny_cfg(tmp_path / "l", max_steps=1, finetune="lora", **{"ttt.freeze_slow_weights": True,
-                                                                     "ttt.train_w_down": False}))
+    train(
+        tiny_cfg(
+            tmp_path / "l",
+            max_steps=1,
+            finetune="lora",
+            **{"ttt.freeze_slow_weights": True, "ttt.train_w_down": False},
+        )
+    )
     keys = _trainable_groups(tmp_path / "l")
     assert all("lora_" in k or k.endswith(("target_conv", "target_proj")) for k in keys)
     assert not any(k.startswith("transformer.layers.1.gating.linear_in") for k in keys)
@@ -245,3 +277,89 @@ def test_moshi_export_loads_in_moshi_and_matches_without_updates(tmp_path, mode)
             g.config.eta = 0.0
         b = ttt(codes).text_logits
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- distributed
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_DIST_ARGS = [
+    "--max_steps=4",
+    "--log_interval=1",
+    "--model.tiny.dim=32",
+    "--model.tiny.num_layers=2",
+    "--model.tiny.context=8",
+    "--model.tiny.num_heads=2",
+    "--data.duration_sec=2",
+    "--checkpoint.interval=2",
+    "--eval.num_batches=2",
+    "--ttt.layers=[1]",
+    "--ttt.chunk_size=4",
+    "--grad_accum=2",
+]
+
+
+def _run(args, nproc=1):
+    env = dict(os.environ, NO_TORCH_COMPILE="1", OMP_NUM_THREADS="1")
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += [
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={nproc}",
+            f"--master-port={_free_port()}",
+        ]
+    res = subprocess.run(
+        launcher + ["train.py", "configs/tiny.yaml"] + args,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, strategy):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([f"--run_dir={one}", "--batch_size=2"] + _DIST_ARGS)
+    _run([f"--run_dir={two}", "--batch_size=1", f"--distributed.strategy={strategy}"] + _DIST_ARGS, nproc=2)
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-5), s
+    grad = {
+        json.loads(x)["step"]: json.loads(x)["grad_norm"]
+        for x in (one / "metrics.jsonl").read_text().splitlines()
+        if json.loads(x)["kind"] == "train"
+    }
+    grad2 = {
+        json.loads(x)["step"]: json.loads(x)["grad_norm"]
+        for x in (two / "metrics.jsonl").read_text().splitlines()
+        if json.loads(x)["kind"] == "train"
+    }
+    for s in grad:  # clipping uses the global norm over all ranks
+        assert grad2[s] == pytest.approx(grad[s], rel=1e-4), s
+    ck = list_checkpoints(two)[-1][1]
+    assert (ck / "ttt.safetensors").is_file() and (ck / "moshi" / "model.safetensors").is_file()
+    if strategy == "fsdp":
+        assert (ck / "dcp").is_dir()
+        # Resume the sharded run from step 2: steps 3-4 repeat exactly.
+        shutil.rmtree(ck)
+        lines = (two / "metrics.jsonl").read_text().splitlines()
+        (two / "metrics.jsonl").write_text("".join(x + "\n" for x in lines if json.loads(x)["step"] <= 2))
+        _run(
+            [f"--run_dir={two}", "--batch_size=1", f"--distributed.strategy={strategy}"] + _DIST_ARGS, nproc=2
+        )
+        c = losses(two)
+        for s in (3, 4):
+            assert c[s] == pytest.approx(a[s], rel=1e-5), s
