@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+tiny: $(STAMP)
+	$(BIN)/python train.py configs/tiny.yaml
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 

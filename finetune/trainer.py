@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import time
 import uuid
 import warnings
@@ -260,6 +261,13 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
     frames_per_step = cfg.batch_size * cfg.grad_accum * dist_info.world_size * cfg.data.num_frames
     it = iter(loader)
     last: dict[str, Any] = {}
+    if start_step >= cfg.max_steps:
+        logger.info(
+            "%s is already at step %d of %d: nothing to do (raise max_steps to continue)",
+            run_dir,
+            start_step,
+            cfg.max_steps,
+        )
     t_start, steps_timed = time.time(), 0
     params = [p for p in model.parameters() if p.requires_grad]
     for step in range(start_step + 1, cfg.max_steps + 1):
@@ -319,7 +327,7 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
                     "stopping. Lower optim.lr or ttt.eta, or check the data; the last checkpoint is intact"
                 )
         with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             scheduler.step()
         if step > start_step + 1:
             steps_timed += 1

@@ -363,3 +363,24 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
         c = losses(two)
         for s in (3, 4):
             assert c[s] == pytest.approx(a[s], rel=1e-5), s
+
+
+def test_wandb_offline_logs_without_network_and_keeps_run_id_on_resume(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    run = tmp_path / "w"
+    over = {
+        "wandb.project": "moshi-ttt-test",
+        "wandb.mode": "offline",
+        "max_steps": 2,
+        "checkpoint.interval": 1,
+    }
+    train(tiny_cfg(run, **over))
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    state = torch.load(list_checkpoints(run)[-1][1] / "trainer_state.pt", weights_only=True)
+    assert runs[0].name.endswith(state["wandb_id"])
+    train(tiny_cfg(run, **{**over, "max_steps": 3}))
+    assert all(p.name.endswith(state["wandb_id"]) for p in (run / "wandb").glob("offline-run-*"))
+    with pytest.raises(ConfigError, match="unknown key wandb.key"):
+        tiny_cfg(run, **{"wandb.key": "secret"})
