@@ -136,7 +136,12 @@ def build_model(cfg: TrainConfig, device: torch.device) -> BuiltModel:
         state = load_file(weights)
         dtype = next(p for p in model.parameters()).dtype
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        res = model.load_state_dict(state, strict=False, assign=True)
+        try:
+            res = model.load_state_dict(state, strict=False, assign=True)
+        except RuntimeError as e:
+            raise ValueError(
+                f"{weights} does not match the architecture in the model config (check model.config_path): {e}"
+            ) from e
         allowed = tuple(f".{n}" for n in ("target_conv", "target_proj")) + ("lora_A.weight", "lora_B.weight")
         bad_missing = [k for k in res.missing_keys if not k.endswith(allowed)]
         if res.unexpected_keys or bad_missing:

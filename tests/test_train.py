@@ -384,3 +384,49 @@ def test_wandb_offline_logs_without_network_and_keeps_run_id_on_resume(tmp_path,
     assert all(p.name.endswith(state["wandb_id"]) for p in (run / "wandb").glob("offline-run-*"))
     with pytest.raises(ConfigError, match="unknown key wandb.key"):
         tiny_cfg(run, **{"wandb.key": "secret"})
+
+
+def test_local_checkpoint_source_loads_base_weights_then_trains_lora(tmp_path):
+    # A base Moshi on disk (config.json + model.safetensors), as moshi's own loaders expect it.
+    train(tiny_cfg(tmp_path / "base", max_steps=1, **{"ttt.enabled": False}))
+    base_dir = list_checkpoints(tmp_path / "base")[-1][1] / "moshi"
+    over = {
+        "finetune": "lora",
+        "max_steps": 2,
+        "model.source": "local",
+        "model.tiny": {},
+        "model.config_path": str(base_dir / "config.json"),
+        "model.moshi_weights": str(base_dir / "model.safetensors"),
+    }
+    cfg = tiny_cfg(tmp_path / "lora", **over)
+    from finetune.model import build_model
+
+    built = build_model(cfg, torch.device("cpu"))
+    base_sd = load_file(str(base_dir / "model.safetensors"))
+    sd = built.model.state_dict()
+    # Base weights loaded (LoRA's frozen_W, TTT's w_down and pretrained copy), new tensors initialised.
+    w = base_sd["transformer.layers.1.gating.linear_out.weight"]
+    assert torch.equal(sd["transformer.layers.1.gating.w_down"], w)
+    assert torch.equal(sd["transformer.layers.1.gating.w_down_pretrained"], w.float())
+    assert torch.equal(sd["transformer.layers.0.gating.linear_in.frozen_W.weight"],
+                       base_sd["transformer.layers.0.gating.linear_in.weight"])
+    assert sd["transformer.layers.0.gating.linear_in.lora_B.weight"].abs().sum() == 0
+    assert sd["transformer.layers.1.gating.target_conv"].abs().sum() == 0
+    train(cfg)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses(tmp_path / "lora").values())
+
+
+def test_bad_local_checkpoint_is_a_clear_error(tmp_path):
+    train(tiny_cfg(tmp_path / "base", max_steps=1, **{"ttt.enabled": False}))
+    base_dir = list_checkpoints(tmp_path / "base")[-1][1] / "moshi"
+    over = {"model.source": "local", "model.tiny": {}, "model.config_path": str(base_dir / "config.json"),
+            "model.moshi_weights": str(tmp_path / "nope.safetensors")}
+    with pytest.raises(FileNotFoundError, match="model.moshi_weights: .*nope.safetensors does not exist"):
+        train(tiny_cfg(tmp_path / "x", **over))
+    raw = json.loads((base_dir / "config.json").read_text())
+    raw["dim"] = 48  # a config that does not match the weights
+    (tmp_path / "wrong.json").write_text(json.dumps(raw))
+    over.update({"model.config_path": str(tmp_path / "wrong.json"),
+                 "model.moshi_weights": str(base_dir / "model.safetensors")})
+    with pytest.raises(ValueError, match="does not match the architecture in the model config"):
+        train(tiny_cfg(tmp_path / "y", **over))
