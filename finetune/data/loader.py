@@ -1,0 +1,108 @@
+"""Deterministic, rank-sharded, resumable batching.
+
+Step ``s`` of epoch ``e`` takes the global batch ``perm_e[s*G:(s+1)*G]`` (``G = batch_size * world``,
+``perm_e`` a permutation seeded by ``(seed, e)``) and rank ``r`` its ``r``-th slice, so a run with
+``N`` processes sees the same global batches as one process with an ``N`` times larger batch. The
+loader's state is ``(epoch, step)`` of the next batch to take, counted as batches are consumed (not
+as workers prefetch), so resuming from it yields exactly the batches that would have come next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+@dataclass
+class BatchPlan:
+    num_items: int
+    batch_size: int
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batches_per_epoch < 1:
+            raise ValueError(
+                f"the dataset has {self.num_items} items, fewer than one global batch of "
+                f"{self.batch_size} x {self.world_size} processes; add data or lower batch_size"
+            )
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_items // self.global_batch
+
+    def indices(self, epoch: int, step: int) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            perm = torch.randperm(self.num_items, generator=g)
+        else:
+            perm = torch.arange(self.num_items)
+        start = step * self.global_batch + self.rank * self.batch_size
+        return perm[start : start + self.batch_size].tolist()
+
+
+class _EpochSampler(Sampler[list[int]]):
+    def __init__(self, plan: BatchPlan, epoch: int, start: int) -> None:
+        self.plan, self.epoch, self.start = plan, epoch, start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.plan.batches_per_epoch):
+            yield self.plan.indices(self.epoch, step)
+
+    def __len__(self) -> int:
+        return self.plan.batches_per_epoch - self.start
+
+
+def collate_codes(items: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(items, 0)  # [B, K, T]
+
+
+class ResumableLoader:
+    """An endless iterator of batches with ``state_dict()`` / ``load_state_dict()``."""
+
+    def __init__(self, dataset: Dataset, plan: BatchPlan, num_workers: int = 0) -> None:
+        self.dataset, self.plan, self.num_workers = dataset, plan, num_workers
+        self.epoch, self.step = 0, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step": self.step, "num_items": self.plan.num_items}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("num_items", self.plan.num_items) != self.plan.num_items:
+            raise ValueError(
+                f"the saved data position is for a dataset of {state['num_items']} items, this one has "
+                f"{self.plan.num_items}; resume with the same data"
+            )
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while True:
+            sampler = _EpochSampler(self.plan, self.epoch, self.step)
+            loader = DataLoader(
+                self.dataset,
+                batch_sampler=sampler,
+                num_workers=self.num_workers,
+                collate_fn=collate_codes,
+                persistent_workers=False,
+            )
+            for batch in loader:
+                self.step += 1
+                yield batch
+            self.epoch, self.step = self.epoch + 1, 0
+
+
+def eval_batches(dataset: Dataset, batch_size: int, num_batches: int, rank: int, world_size: int):
+    """The same fixed, rank-sharded evaluation batches at every evaluation."""
+    plan = BatchPlan(len(dataset), batch_size, rank, world_size, shuffle=False)
+    n = min(num_batches, plan.batches_per_epoch) if num_batches > 0 else plan.batches_per_epoch
+    for step in range(n):
+        yield collate_codes([dataset[i] for i in plan.indices(0, step)])
