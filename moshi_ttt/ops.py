@@ -34,6 +34,8 @@ All fast-weight math runs in float32 (float64 if any input is float64); ``out`` 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.nn import functional as F
 
@@ -125,6 +127,13 @@ def _base(z: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
     return torch.bmm(z, w0.transpose(1, 2))
 
 
+def _no_autocast(device: torch.device):
+    """Fast-weight math stays float32 under bf16 autocast too (the function casts explicitly)."""
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _TTTChunkedFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, v, w0, eta, chunk_size, form, return_final):  # type: ignore[override]
@@ -168,7 +177,7 @@ class _TTTChunkedFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_out, g_final=None):  # type: ignore[override]
-        with torch.autocast(device_type=g_out.device.type, enabled=False):
+        with _no_autocast(g_out.device):
             return _TTTChunkedFn._backward(ctx, g_out, g_final)
 
     @staticmethod
@@ -255,8 +264,7 @@ def ttt_chunked(
         form = choose_form(T, d, h)
     if form not in ("dual", "scan"):
         raise ValueError(f"form must be 'auto', 'dual' or 'scan', got {form!r}")
-    # Fast-weight math stays float32 under bf16 autocast too (the function casts explicitly).
-    with torch.autocast(device_type=z.device.type, enabled=False):
+    with _no_autocast(z.device):
         res = _TTTChunkedFn.apply(z, v, w0, float(eta), chunk_size, form, return_final)
     if return_final:
         return res[0], res[1]

@@ -164,3 +164,20 @@ def test_rejects_unknown_form():
     z, v, w0 = torch.randn(1, 3, 6), torch.randn(1, 3, 4), torch.randn(4, 6)
     with pytest.raises(ValueError, match="form"):
         ttt_chunked(z, v, w0, 0.1, 2, form="fast")
+
+
+def test_autocast_does_not_lower_the_fast_weight_math():
+    z, v, w0 = _inputs(2, 40, 8, 16, shared=True)
+    ref_out, _ = ttt_reference(z, v, w0, 0.2, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, wf = ttt_chunked(z, v, w0, 0.2, 8)
+        out.sum().backward()
+    assert out.dtype == torch.float32 and wf.dtype == torch.float32
+    assert _rel(out, ref_out) < 1e-5
+    assert z.grad.dtype == torch.float32
+
+
+def test_meta_tensors_pass_through():
+    z, v, w0 = (torch.empty(*s, device="meta") for s in ((1, 30, 16), (1, 30, 8), (8, 16)))
+    out, wf = ttt_chunked(z, v, w0, 0.1, 8)
+    assert out.shape == (1, 30, 8) and out.device.type == "meta" and wf.shape == (1, 8, 16)

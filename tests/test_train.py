@@ -408,8 +408,10 @@ def test_local_checkpoint_source_loads_base_weights_then_trains_lora(tmp_path):
     w = base_sd["transformer.layers.1.gating.linear_out.weight"]
     assert torch.equal(sd["transformer.layers.1.gating.w_down"], w)
     assert torch.equal(sd["transformer.layers.1.gating.w_down_pretrained"], w.float())
-    assert torch.equal(sd["transformer.layers.0.gating.linear_in.frozen_W.weight"],
-                       base_sd["transformer.layers.0.gating.linear_in.weight"])
+    assert torch.equal(
+        sd["transformer.layers.0.gating.linear_in.frozen_W.weight"],
+        base_sd["transformer.layers.0.gating.linear_in.weight"],
+    )
     assert sd["transformer.layers.0.gating.linear_in.lora_B.weight"].abs().sum() == 0
     assert sd["transformer.layers.1.gating.target_conv"].abs().sum() == 0
     train(cfg)
@@ -419,14 +421,22 @@ def test_local_checkpoint_source_loads_base_weights_then_trains_lora(tmp_path):
 def test_bad_local_checkpoint_is_a_clear_error(tmp_path):
     train(tiny_cfg(tmp_path / "base", max_steps=1, **{"ttt.enabled": False}))
     base_dir = list_checkpoints(tmp_path / "base")[-1][1] / "moshi"
-    over = {"model.source": "local", "model.tiny": {}, "model.config_path": str(base_dir / "config.json"),
-            "model.moshi_weights": str(tmp_path / "nope.safetensors")}
+    over = {
+        "model.source": "local",
+        "model.tiny": {},
+        "model.config_path": str(base_dir / "config.json"),
+        "model.moshi_weights": str(tmp_path / "nope.safetensors"),
+    }
     with pytest.raises(FileNotFoundError, match="model.moshi_weights: .*nope.safetensors does not exist"):
         train(tiny_cfg(tmp_path / "x", **over))
     raw = json.loads((base_dir / "config.json").read_text())
     raw["dim"] = 48  # a config that does not match the weights
     (tmp_path / "wrong.json").write_text(json.dumps(raw))
-    over.update({"model.config_path": str(tmp_path / "wrong.json"),
-                 "model.moshi_weights": str(base_dir / "model.safetensors")})
+    over.update(
+        {
+            "model.config_path": str(tmp_path / "wrong.json"),
+            "model.moshi_weights": str(base_dir / "model.safetensors"),
+        }
+    )
     with pytest.raises(ValueError, match="does not match the architecture in the model config"):
         train(tiny_cfg(tmp_path / "y", **over))

@@ -25,7 +25,9 @@ class SyntheticCodes(Dataset):
         noise: float = 0.1,
     ) -> None:
         if num_items < 1 or num_frames < 1:
-            raise ValueError(f"synthetic data needs num_items >= 1 and num_frames >= 1, got {num_items}, {num_frames}")
+            raise ValueError(
+                f"synthetic data needs num_items >= 1 and num_frames >= 1, got {num_items}, {num_frames}"
+            )
         self.num_items, self.num_frames = num_items, num_frames
         self.n_q, self.card, self.text_card = n_q, card, text_card
         self.seed, self.pad, self.noise = seed, text_padding_id, noise
