@@ -46,7 +46,10 @@ _FIXED_KEYS = (
     "ttt.freeze_slow_weights",
     "ttt.train_w_down",
     "batch_size",
-    "data",
+    "data.source",
+    "data.train",
+    "data.duration_sec",
+    "data.synthetic",
     "seed",
 )
 
