@@ -98,11 +98,20 @@ class SyntheticDataArgs:
 
 @dataclass
 class DataArgs:
-    """Training data. ``synthetic`` generates token grids; ``manifest`` reads a moshi-finetune jsonl."""
+    """Training data: ``manifest`` (moshi-finetune jsonl of stereo wavs + alignments) or ``synthetic``.
+
+    For manifests, ``tokenizer`` / ``mimi_weights`` default to the checkpoint's own files with
+    ``model.source: hf``. ``cache_dir`` holds Mimi codes encoded once (``scripts/encode_codes.py``);
+    without it every window is encoded when it is read.
+    """
 
     source: Literal["synthetic", "manifest"] = "synthetic"
-    train: str | None = None  # manifest path (source: manifest)
-    eval: str | None = None
+    train: str | None = None  # manifest path
+    eval: str | None = None  # manifest path; null: no evaluation data
+    tokenizer: str | None = None  # sentencepiece model
+    mimi_weights: str | None = None  # safetensors
+    mimi_config: str | None = None  # JSON, for a non-default Mimi (e.g. the tiny one)
+    cache_dir: str | None = None
     duration_sec: float = 8.0  # window length; 12.5 frames per second
     num_workers: int = 0
     synthetic: SyntheticDataArgs = field(default_factory=SyntheticDataArgs)

@@ -148,7 +148,8 @@ def save_checkpoint(
 
         msd, osd = get_state_dict(model, optimizer)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{dist_info.rank}.pt")
+    # Per process: RNG and data position (ranks skip bad items independently).
+    torch.save({**_rng_state(), "data": data_state}, tmp / "rng" / f"rank_{dist_info.rank}.pt")
     full_sd = _gather_for_export(model, cfg) if fsdp else None
     if dist_info.is_main:
         if not fsdp:
@@ -261,6 +262,8 @@ def load_checkpoint(
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
+        if "data" in rng:
+            state["data"] = rng["data"]
     return state
 
 

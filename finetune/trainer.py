@@ -102,10 +102,9 @@ def build_datasets(cfg: TrainConfig, model) -> tuple[Any, Any]:
         train = SyntheticCodes(cfg.data.synthetic.num_train, seed=cfg.seed, **common)
         evals = SyntheticCodes(cfg.data.synthetic.num_eval, seed=cfg.seed + 7919, **common)
         return train, evals
-    raise ConfigError(
-        "data.source: manifest datasets (moshi-finetune jsonl + stereo wav + alignments) are not supported "
-        "by this version yet; use data.source: synthetic"
-    )
+    from .data.build import conversation_datasets
+
+    return conversation_datasets(cfg, model)
 
 
 def _wrap(model: nn.Module, cfg: TrainConfig, dist_info: D.DistInfo) -> nn.Module:
@@ -346,6 +345,7 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
             elapsed = time.time() - t_start
             per_step = elapsed / max(1, step - start_step)
             values = dict(last, tokens_per_s=frames_per_step / max(dt, 1e-9), step_time=dt)
+            values["data/skipped_items"] = loader.skipped
             for group in optimizer.param_groups:
                 values[f"lr/{group.get('name', 'group')}"] = group["lr"]
             if gatings:
@@ -364,7 +364,7 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
                 fmt_duration(per_step * (cfg.max_steps - step)),
             )
         is_last = step == cfg.max_steps
-        if (cfg.eval.interval and step % cfg.eval.interval == 0) or is_last:
+        if eval_set is not None and ((cfg.eval.interval and step % cfg.eval.interval == 0) or is_last):
             ev = evaluate(model, base, eval_set, cfg, dist_info)
             metrics.log("eval", step, ev)
             last.update({f"eval_{k}": v for k, v in ev.items()})

@@ -62,8 +62,15 @@ class _EpochSampler(Sampler[list[int]]):
         return self.plan.batches_per_epoch - self.start
 
 
-def collate_codes(items: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(items, 0)  # [B, K, T]
+@dataclass
+class Batch:
+    codes: torch.Tensor | None  # [b, K, T]: the valid items (None if every item was bad)
+    skipped: int  # items of this batch skipped as bad
+
+
+def collate_codes(items: list[torch.Tensor | None]) -> Batch:
+    valid = [x for x in items if x is not None]
+    return Batch(torch.stack(valid, 0) if valid else None, len(items) - len(valid))
 
 
 class ResumableLoader:
@@ -72,9 +79,10 @@ class ResumableLoader:
     def __init__(self, dataset: Dataset, plan: BatchPlan, num_workers: int = 0) -> None:
         self.dataset, self.plan, self.num_workers = dataset, plan, num_workers
         self.epoch, self.step = 0, 0
+        self.skipped = 0  # bad items skipped so far (all epochs)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step": self.step, "num_items": self.plan.num_items}
+        return {"epoch": self.epoch, "step": self.step, "num_items": self.plan.num_items, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("num_items", self.plan.num_items) != self.plan.num_items:
@@ -83,9 +91,12 @@ class ResumableLoader:
                 f"{self.plan.num_items}; resume with the same data"
             )
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.skipped = int(state.get("skipped", 0))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         while True:
+            valid_in_epoch = 0
+            fresh_epoch = self.step == 0
             sampler = _EpochSampler(self.plan, self.epoch, self.step)
             loader = DataLoader(
                 self.dataset,
@@ -96,7 +107,16 @@ class ResumableLoader:
             )
             for batch in loader:
                 self.step += 1
-                yield batch
+                self.skipped += batch.skipped
+                if batch.codes is None:
+                    continue
+                valid_in_epoch += 1
+                yield batch.codes
+            if fresh_epoch and valid_in_epoch == 0:
+                raise RuntimeError(
+                    f"no valid item in a whole epoch of {self.plan.num_items} items: every one was skipped as "
+                    "bad (see the warnings above; scripts/check_dataset.py lists every problem)"
+                )
             self.epoch, self.step = self.epoch + 1, 0
 
 
@@ -105,4 +125,6 @@ def eval_batches(dataset: Dataset, batch_size: int, num_batches: int, rank: int,
     plan = BatchPlan(len(dataset), batch_size, rank, world_size, shuffle=False)
     n = min(num_batches, plan.batches_per_epoch) if num_batches > 0 else plan.batches_per_epoch
     for step in range(n):
-        yield collate_codes([dataset[i] for i in plan.indices(0, step)])
+        batch = collate_codes([dataset[i] for i in plan.indices(0, step)])
+        if batch.codes is not None:
+            yield batch.codes
