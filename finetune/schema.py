@@ -49,7 +49,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin in (Union, types.UnionType):
         args = get_args(tp)
-        if value is None and type(None) in args:
+        if type(None) in args and (
+            value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~"))
+        ):
             return None
         errors = []
         for a in args:

@@ -278,6 +278,7 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         acc = torch.zeros(5, device=dist_info.device, dtype=torch.float64)
         micro_batches = [next(it).to(dist_info.device) for _ in range(cfg.grad_accum)]
+        data_time = time.time() - t0
         weights = [_weights(cfg, base, codes) for codes in micro_batches]
         # Normalise by the global batch's weight sums (all micro-batches, all ranks); DDP and FSDP average
         # gradients over ranks, hence the division by the world size.
@@ -344,7 +345,9 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
         if log_now:
             elapsed = time.time() - t_start
             per_step = elapsed / max(1, step - start_step)
-            values = dict(last, tokens_per_s=frames_per_step / max(dt, 1e-9), step_time=dt)
+            values = dict(
+                last, tokens_per_s=frames_per_step / max(dt, 1e-9), step_time=dt, data_time=data_time
+            )
             values["data/skipped_items"] = loader.skipped
             for group in optimizer.param_groups:
                 values[f"lr/{group.get('name', 'group')}"] = group["lr"]

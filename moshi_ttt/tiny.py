@@ -54,7 +54,8 @@ def tiny_lm_kwargs(
         "depformer_gating": "silu",
         "depformer_pos_emb": "none",
         "depformer_weights_per_step": True,
-        "delays": [0, 0] + [1] * (n_q - 1),
+        # Moshi's pattern: text and each stream's first (semantic) codebook undelayed, the others by 1.
+        "delays": [0] + [0 if k % dep_q == 0 else 1 for k in range(n_q)],
     }
     kwargs.update(overrides)
     return kwargs

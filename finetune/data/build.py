@@ -18,11 +18,16 @@ def resolve_assets(cfg) -> tuple[str, str, str | None]:
     if (tokenizer is None or mimi is None) and cfg.model.source == "hf":
         from moshi.models import loaders
 
-        info = loaders.CheckpointInfo.from_hf_repo(cfg.model.hf_repo, moshi_weights=cfg.model.moshi_weights,
-                                                   config_path=cfg.model.config_path)
+        info = loaders.CheckpointInfo.from_hf_repo(
+            cfg.model.hf_repo, moshi_weights=cfg.model.moshi_weights, config_path=cfg.model.config_path
+        )
         tokenizer = tokenizer or str(info.tokenizer)
         mimi = mimi or str(info.mimi_weights)
-    for name, p in (("data.tokenizer", tokenizer), ("data.mimi_weights", mimi), ("data.mimi_config", mimi_config)):
+    for name, p in (
+        ("data.tokenizer", tokenizer),
+        ("data.mimi_weights", mimi),
+        ("data.mimi_config", mimi_config),
+    ):
         if p is not None and not Path(p).is_file():
             raise ConfigError(f"{name}: {p} does not exist")
     return tokenizer, mimi, mimi_config

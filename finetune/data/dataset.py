@@ -156,7 +156,9 @@ class ConversationDataset(Dataset):
         audio = codes[:, start : start + T]
         valid = audio.shape[1]
         if valid == 0:
-            raise BadItem(f"{entry.path}: window {w} starts after the end of the audio (manifest duration too long?)")
+            raise BadItem(
+                f"{entry.path}: window {w} starts after the end of the audio (manifest duration too long?)"
+            )
         grid = torch.full((1 + codes.shape[0], T), -1, dtype=torch.long)
         grid[1:, :valid] = audio
         grid[0] = self.interleaver.build(words, T, offset=start / FRAME_RATE, valid_frames=valid)

@@ -82,7 +82,12 @@ class ResumableLoader:
         self.skipped = 0  # bad items skipped so far (all epochs)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step": self.step, "num_items": self.plan.num_items, "skipped": self.skipped}
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "num_items": self.plan.num_items,
+            "skipped": self.skipped,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("num_items", self.plan.num_items) != self.plan.num_items:
