@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Report every problem of a moshi-finetune dataset before training; exit code 0 only when clean.
+
+    python scripts/check_dataset.py data/train.jsonl [more.jsonl ...] [--tokenizer tokenizer.model]
+
+Checks: malformed manifest lines, missing or unreadable audio, mono files, manifest durations that
+disagree with the audio, missing or malformed alignment files, words that end after the audio,
+empty transcripts, and (with --tokenizer) words the tokenizer maps to nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from finetune.data.check import check_manifest  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("manifests", nargs="+", type=Path)
+    p.add_argument("--tokenizer", type=Path, help="sentencepiece model to check that every word has tokens")
+    args = p.parse_args()
+    tokenizer = None
+    if args.tokenizer is not None:
+        import sentencepiece
+
+        tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(args.tokenizer))
+    total = 0
+    for m in args.manifests:
+        problems = check_manifest(m, tokenizer)
+        for line in problems:
+            print(line)
+        total += len(problems)
+        print(f"{m}: {'clean' if not problems else f'{len(problems)} problem(s)'}", file=sys.stderr)
+    return 1 if total else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
