@@ -42,7 +42,9 @@ def check_manifest(manifest: str | Path, tokenizer=None) -> list[str]:
             item = json.loads(line)
             rel, duration = item["path"], float(item["duration"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            problems.append(f'{where}: malformed line, expected {{"path": ..., "duration": seconds}}: {line[:80]!r}')
+            problems.append(
+                f'{where}: malformed line, expected {{"path": ..., "duration": seconds}}: {line[:80]!r}'
+            )
             continue
         n_entries += 1
         path = Path(rel) if Path(rel).is_absolute() else manifest.parent / rel
@@ -55,7 +57,9 @@ def check_manifest(manifest: str | Path, tokenizer=None) -> list[str]:
             problems.append(f"{path}: unreadable audio ({e})")
             continue
         if channels != 2:
-            problems.append(f"{path}: {channels} channel(s), expected stereo (left: Moshi speaker, right: user)")
+            problems.append(
+                f"{path}: {channels} channel(s), expected stereo (left: Moshi speaker, right: user)"
+            )
         if not math.isfinite(duration) or abs(duration - seconds) > DURATION_TOLERANCE:
             problems.append(f"{where}: manifest duration {duration} s but the audio lasts {seconds:.2f} s")
         problems.extend(_check_alignments(path, seconds, tokenizer))
