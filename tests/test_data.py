@@ -360,3 +360,14 @@ def test_annotate_writes_alignments_with_a_given_recognizer(tiny_ds, tmp_path):
     data = json.loads(out.read_text())["alignments"]
     assert data[0] == ["hello", [0.5, 0.9], "SPEAKER_MAIN"] and len(data) == 4
     assert {w[2] for w in data} == {"SPEAKER_MAIN", "SPEAKER_OTHER"}
+
+
+def test_tiny_dataset_is_a_function_of_the_seed(tiny_ds, tmp_path):
+    subprocess.run(
+        [sys.executable, "scripts/make_tiny_dataset.py", str(tmp_path / "again"), "--num-train", "3", "--num-eval", "1",
+         "--seconds", "7", "--speech", "synthetic", "--vocab-size", "60"],
+        cwd=ROOT, check=True, capture_output=True,
+    )
+    for f in ("train.jsonl", "eval.jsonl", "tokenizer.model", "mimi.safetensors", "audio/conv_002.wav",
+              "audio/conv_002.json"):
+        assert (tmp_path / "again" / f).read_bytes() == (tiny_ds / f).read_bytes(), f
