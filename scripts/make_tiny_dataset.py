@@ -139,12 +139,13 @@ def train_tokenizer(texts: list[str], out: Path, vocab_size: int) -> None:
     finally:
         os.unlink(corpus)
         out.with_suffix(".vocab").unlink(missing_ok=True)
-    # The model records the (temporary) corpus path: drop it so the file is a function of the seed.
+    # The model records the corpus path and output prefix: drop them so the file is a function of the seed.
     from sentencepiece import sentencepiece_model_pb2
 
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(out.read_bytes())
     del proto.trainer_spec.input[:]
+    proto.trainer_spec.model_prefix = ""
     out.write_bytes(proto.SerializeToString())
 
 
