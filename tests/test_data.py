@@ -371,3 +371,20 @@ def test_tiny_dataset_is_a_function_of_the_seed(tiny_ds, tmp_path):
     for f in ("train.jsonl", "eval.jsonl", "tokenizer.model", "mimi.safetensors", "audio/conv_002.wav",
               "audio/conv_002.json"):
         assert (tmp_path / "again" / f).read_bytes() == (tiny_ds / f).read_bytes(), f
+
+
+def test_other_sample_rates_are_resampled_to_24k(tmp_path):
+    from finetune.data.audio import read_stereo
+
+    sr, seconds = 16000, 1.5
+    t = np.arange(int(sr * seconds)) / sr
+    pcm = (np.stack([np.sin(2 * np.pi * 440 * t), np.zeros_like(t)], 1) * 16000).astype("<i2")
+    path = tmp_path / "x.wav"
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(2)
+        f.setsampwidth(2)
+        f.setframerate(sr)
+        f.writeframes(pcm.tobytes())
+    wav = read_stereo(path)
+    assert wav.shape[0] == 2 and abs(wav.shape[1] - 24000 * seconds) <= 64
+    assert np.abs(wav[1]).max() < 1e-3 < np.abs(wav[0]).max()  # left stays left
