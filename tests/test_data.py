@@ -386,5 +386,6 @@ def test_other_sample_rates_are_resampled_to_24k(tmp_path):
         f.setframerate(sr)
         f.writeframes(pcm.tobytes())
     wav = read_stereo(path)
-    assert wav.shape[0] == 2 and abs(wav.shape[1] - 24000 * seconds) <= 64
+    # sphn's resampler pads a little (under one 1920-sample Mimi frame).
+    assert wav.shape[0] == 2 and 0 <= wav.shape[1] - 24000 * seconds < 1920
     assert np.abs(wav[1]).max() < 1e-3 < np.abs(wav[0]).max()  # left stays left
