@@ -218,7 +218,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         D.destroy()
 
 
+def _absolute_paths(cfg: TrainConfig) -> None:
+    """Existing relative file paths become absolute, so a saved config works from any directory."""
+    for section, keys in (
+        (cfg.data, ("train", "eval", "tokenizer", "mimi_weights", "mimi_config", "cache_dir")),
+        (cfg.model, ("config_path", "moshi_weights")),
+    ):
+        for key in keys:
+            value = getattr(section, key)
+            if value and not value.startswith("hf://") and Path(value).exists():
+                setattr(section, key, str(Path(value).resolve()))
+
+
 def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
+    _absolute_paths(cfg)
     run_dir = Path(cfg.run_dir)
     resume_path = resolve_resume(cfg)
     cfg_dict = to_dict(cfg)

@@ -92,6 +92,7 @@ class TTTGating(StreamingModule[_TTTState]):
         self.target_conv = nn.Parameter(torch.zeros(d, 1 if config.conv_depthwise else d, K, **factory))
         self.target_proj = nn.Parameter(torch.empty(d, d, **factory))
         self.reset_target_parameters()
+        self.freeze_updates = False  # streaming: keep the fast weights at W^(0) (to compare with/without TTT)
         self.record_stats = False  # training telemetry: set to keep last_update_norm of the next forward
         self.last_update_norm: torch.Tensor | None = None
         self._register_load_state_dict_pre_hook(self._map_vanilla_keys)
@@ -247,7 +248,9 @@ class TTTGating(StreamingModule[_TTTState]):
                     state.buf_src[b, p : p + L] = ss[b]
             pos[active] += L
             done = pos == C
-            if done.any():
+            if done.any() and self.freeze_updates:
+                pos[done] = 0
+            elif done.any():
                 idx = done.nonzero().flatten().to(z.device)
                 v = self.target(state.buf_src[idx]).to(torch.float32)  # [k, C, d] over the whole chunk
                 delta = torch.bmm(v.transpose(1, 2), state.buf_z[idx])  # [k, d, h]

@@ -4,8 +4,14 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -33,3 +39,30 @@ def randomize_ttt(model, std: float = 0.3, seed: int = 0) -> None:
             gating.target_conv.copy_(torch.randn(gating.target_conv.shape, generator=g) * std)
             gating.target_proj.add_(torch.randn(gating.target_proj.shape, generator=g) * std / 4)
             gating.w_down.add_(torch.randn(gating.w_down.shape, generator=g) * 0.01)
+
+
+@pytest.fixture(scope="session")
+def tiny_ds(tmp_path_factory):
+    """A small generated conversation dataset (3 train + 1 eval files of 7 s), tokenizer and tiny Mimi."""
+    out = tmp_path_factory.mktemp("tinyds")
+    subprocess.run(
+        [
+            sys.executable,
+            "scripts/make_tiny_dataset.py",
+            str(out / "ds"),
+            "--num-train",
+            "3",
+            "--num-eval",
+            "1",
+            "--seconds",
+            "7",
+            "--speech",
+            "synthetic",
+            "--vocab-size",
+            "60",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    return out / "ds"

@@ -73,32 +73,6 @@ def test_window_offset_other_speaker_untokenizable_words_and_padding_tail():
 # ---------------------------------------------------------------- tiny dataset round trip
 
 
-@pytest.fixture(scope="session")
-def tiny_ds(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tinyds")
-    subprocess.run(
-        [
-            sys.executable,
-            "scripts/make_tiny_dataset.py",
-            str(out / "ds"),
-            "--num-train",
-            "3",
-            "--num-eval",
-            "1",
-            "--seconds",
-            "7",
-            "--speech",
-            "synthetic",
-            "--vocab-size",
-            "60",
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    )
-    return out / "ds"
-
-
 def _dataset(ds: Path, cache_dir=None, num_frames=50):
     import sentencepiece
 
@@ -364,12 +338,33 @@ def test_annotate_writes_alignments_with_a_given_recognizer(tiny_ds, tmp_path):
 
 def test_tiny_dataset_is_a_function_of_the_seed(tiny_ds, tmp_path):
     subprocess.run(
-        [sys.executable, "scripts/make_tiny_dataset.py", str(tmp_path / "again"), "--num-train", "3", "--num-eval", "1",
-         "--seconds", "7", "--speech", "synthetic", "--vocab-size", "60"],
-        cwd=ROOT, check=True, capture_output=True,
+        [
+            sys.executable,
+            "scripts/make_tiny_dataset.py",
+            str(tmp_path / "again"),
+            "--num-train",
+            "3",
+            "--num-eval",
+            "1",
+            "--seconds",
+            "7",
+            "--speech",
+            "synthetic",
+            "--vocab-size",
+            "60",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
     )
-    for f in ("train.jsonl", "eval.jsonl", "tokenizer.model", "mimi.safetensors", "audio/conv_002.wav",
-              "audio/conv_002.json"):
+    for f in (
+        "train.jsonl",
+        "eval.jsonl",
+        "tokenizer.model",
+        "mimi.safetensors",
+        "audio/conv_002.wav",
+        "audio/conv_002.json",
+    ):
         assert (tmp_path / "again" / f).read_bytes() == (tiny_ds / f).read_bytes(), f
 
 
