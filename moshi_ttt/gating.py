@@ -251,10 +251,15 @@ class TTTGating(StreamingModule[_TTTState]):
             if done.any() and self.freeze_updates:
                 pos[done] = 0
             elif done.any():
-                idx = done.nonzero().flatten().to(z.device)
-                v = self.target(state.buf_src[idx]).to(torch.float32)  # [k, C, d] over the whole chunk
-                delta = torch.bmm(v.transpose(1, 2), state.buf_z[idx])  # [k, d, h]
-                state.w.index_copy_(0, idx, state.w[idx] + eta * delta)
+                # W^(i) = W^(i-1) + eta V[i]^T Z[i], in place (no [B, d, h] temporaries).
+                if bool(done.all()):
+                    v = self.target(state.buf_src).to(torch.float32)  # [B, C, d] over the whole chunk
+                    state.w.baddbmm_(v.transpose(1, 2), state.buf_z, alpha=eta)
+                else:
+                    idx = done.nonzero().flatten().tolist()
+                    v = self.target(state.buf_src[idx]).to(torch.float32)  # [k, C, d]
+                    for j, b in enumerate(idx):
+                        state.w[b].addmm_(v[j].t(), state.buf_z[b], alpha=eta)
                 pos[done] = 0
             t += L
         return torch.cat(outs, dim=1)

@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Per-frame streaming latency of Moshi's LMGen with and without In-Place TTT layers.
+
+    python scripts/bench_streaming.py                  # tiny model, then a layer-realistic one
+    python scripts/bench_streaming.py --only tiny --steps 300
+
+For each model: the plain model streams ``--steps`` frames through ``LMGen.step`` (random user
+codes, greedy), then the same weights with TTT layers (``apply_ttt``, random target path so updates
+are non-trivial) stream the same frames. Printed: ms per 80 ms frame (mean, p50, p95, max) and the
+TTT / plain ratio of means. A chunk's fast-weight update runs at its last frame, so ``max`` shows
+that frame's extra cost (``C x d x h`` multiply-adds per TTT layer), which the mean spreads.
+
+Models (random weights, fp32, CPU):
+- ``tiny``: configs/tiny.yaml's model (d=128, 4 layers, TTT on 1 and 3, chunk 16);
+- ``layer``: Moshi-7B's real layer shape (d=4096, h=11264, 32 heads, text vocabulary 32000) with 2
+  transformer layers, TTT on layer 0 (half the layers, against 6 of 32 in the real configs), chunk 64
+  so the run crosses several chunk ends.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from moshi.models import LMGen, LMModel  # noqa: E402
+
+from moshi_ttt import TTTConfig, apply_ttt, ttt_gatings  # noqa: E402
+from moshi_ttt.tiny import tiny_lm_kwargs  # noqa: E402
+
+MODELS = {
+    "tiny": dict(
+        kwargs=dict(dim=128, num_layers=4, context=32, n_q=8, dep_q=4),
+        ttt=dict(layers=[1, 3], chunk_size=16, eta=0.01),
+    ),
+    "layer": dict(
+        kwargs=dict(
+            dim=4096,
+            num_layers=2,
+            num_heads=32,
+            context=3000,
+            n_q=16,
+            dep_q=8,
+            card=2048,
+            text_card=32000,
+            depformer_dim=1024,
+            depformer_num_layers=1,
+        ),
+        ttt=dict(layers=[0], chunk_size=64, eta=0.01),
+    ),
+}
+
+
+def stream(model, steps: int, warmup: int, seed: int = 0) -> np.ndarray:
+    gen = LMGen(model, use_sampling=False)
+    n_user = model.n_q - model.dep_q
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, model.card, (steps + warmup, 1, n_user, 1), generator=g)
+    times = []
+    with torch.no_grad(), gen.streaming(1):
+        for i in range(steps + warmup):
+            t0 = time.perf_counter()
+            gen.step(codes[i])
+            times.append((time.perf_counter() - t0) * 1e3)
+    return np.array(times[warmup:])
+
+
+def fmt(t: np.ndarray) -> str:
+    return (
+        f"mean {t.mean():8.2f} | p50 {np.percentile(t, 50):8.2f} | p95 {np.percentile(t, 95):8.2f} | "
+        f"max {t.max():8.2f}"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=sorted(MODELS), action="append")
+    p.add_argument("--steps", type=int, default=None, help="frames per run (default: 400 tiny, 200 layer)")
+    p.add_argument("--warmup", type=int, default=5)
+    args = p.parse_args()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch 1, greedy; ms per 80 ms frame"
+    )
+    for name in args.only or list(MODELS):
+        spec = MODELS[name]
+        steps = args.steps or (400 if name == "tiny" else 200)
+        torch.manual_seed(0)
+        model = LMModel(device="cpu", dtype=torch.float32, **tiny_lm_kwargs(**spec["kwargs"])).eval()
+        n_params = sum(p.numel() for p in model.parameters())
+        plain = stream(model, steps, args.warmup)
+        apply_ttt(model, TTTConfig(**spec["ttt"]))
+        with torch.no_grad():
+            for g in ttt_gatings(model).values():
+                g.target_conv.normal_(std=0.1)
+        ttt = stream(model, steps, args.warmup)
+        print(f"\n{name}: {n_params / 1e6:.1f} M parameters, {steps} frames, TTT {spec['ttt']}")
+        print(f"  plain {fmt(plain)}")
+        print(f"  TTT   {fmt(ttt)}")
+        print(
+            f"  TTT / plain: mean {ttt.mean() / plain.mean():.3f}x, p50 {np.median(ttt) / np.median(plain):.3f}x"
+        )
+        del model
+
+
+if __name__ == "__main__":
+    main()
