@@ -97,6 +97,17 @@ class SyntheticDataArgs:
 
 
 @dataclass
+class RecallDataArgs:
+    """The beyond-the-window recall task (``finetune.data.recall``): sequences of ``duration_sec``."""
+
+    num_train: int = 2048
+    num_eval: int = 64
+    pairs: int = 4
+    num_keys: int = 16
+    num_values: int = 16
+
+
+@dataclass
 class DataArgs:
     """Training data: ``manifest`` (moshi-finetune jsonl of stereo wavs + alignments) or ``synthetic``.
 
@@ -105,7 +116,7 @@ class DataArgs:
     without it every window is encoded when it is read.
     """
 
-    source: Literal["synthetic", "manifest"] = "synthetic"
+    source: Literal["synthetic", "manifest", "recall"] = "synthetic"
     train: str | None = None  # manifest path
     eval: str | None = None  # manifest path; null: no evaluation data
     tokenizer: str | None = None  # sentencepiece model
@@ -115,6 +126,7 @@ class DataArgs:
     duration_sec: float = 8.0  # window length; 12.5 frames per second
     num_workers: int = 0
     synthetic: SyntheticDataArgs = field(default_factory=SyntheticDataArgs)
+    recall: RecallDataArgs = field(default_factory=RecallDataArgs)
 
     def __post_init__(self) -> None:
         if self.duration_sec <= 0:

@@ -43,14 +43,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
 @dataclass
 class LoadedModel:
     lm: torch.nn.Module
-    mimi: torch.nn.Module
-    tokenizer: object
+    mimi: torch.nn.Module | None
+    tokenizer: object | None
     cfg: TrainConfig
     checkpoint: Path
     ttt: bool = field(default=False)
 
 
-def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+def load_checkpoint_model(
+    path: str | Path, device: str | torch.device = "cpu", with_codec: bool = True
+) -> LoadedModel:
     from moshi.models import loaders
 
     from .data.audio import load_mimi
@@ -85,6 +87,8 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") 
         apply_ttt(lm, load_ttt_config(ttt_file))
         load_ttt_weights(lm, ttt_file)
     lm.eval()
+    if not with_codec:
+        return LoadedModel(lm, None, None, cfg, ckpt, has_ttt)
     tokenizer_path, mimi_path, mimi_config = resolve_assets(cfg)
     import sentencepiece
 

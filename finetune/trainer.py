@@ -102,6 +102,26 @@ def build_datasets(cfg: TrainConfig, model) -> tuple[Any, Any]:
         train = SyntheticCodes(cfg.data.synthetic.num_train, seed=cfg.seed, **common)
         evals = SyntheticCodes(cfg.data.synthetic.num_eval, seed=cfg.seed + 7919, **common)
         return train, evals
+    if cfg.data.source == "recall":
+        from .data.recall import RecallTask
+
+        r = cfg.data.recall
+        context = model.transformer.layers[0].self_attn.context
+        receptive = len(model.transformer.layers) * (context - 1)  # stacked windows reach this far
+        common = dict(
+            num_frames=cfg.data.num_frames,
+            context=context,
+            far_min=receptive + 2,
+            num_keys=r.num_keys,
+            num_values=r.num_values,
+            pairs=r.pairs,
+            text_card=model.text_card,
+            text_padding_id=model.text_padding_token_id,
+            n_q=model.n_q,
+        )
+        return RecallTask(r.num_train, seed=cfg.seed, **common), RecallTask(
+            r.num_eval, seed=cfg.seed + 7919, **common
+        )
     from .data.build import conversation_datasets
 
     return conversation_datasets(cfg, model)
@@ -178,6 +198,7 @@ def evaluate(model, base, dataset, cfg: TrainConfig, dist_info: D.DistInfo) -> d
             [p.loss.detach(), p.text_nll_sum, p.text_count, p.audio_nll_sum, p.audio_count, one]
         )
     sums = D.all_reduce_sum(sums)
+    recall = recall_metrics(model, dataset, cfg, dist_info) if hasattr(dataset, "queries") else {}
     model.train()
     text_nll = (sums[1] / sums[2]).item()
     audio_nll = (sums[3] / sums[4]).item()
@@ -189,7 +210,43 @@ def evaluate(model, base, dataset, cfg: TrainConfig, dist_info: D.DistInfo) -> d
         "text_ppl": math.exp(min(text_nll, 50)),
         "audio_ppl": math.exp(min(audio_nll, 50)),
         "ppl": math.exp(min(nll, 50)),
+        **recall,
     }
+
+
+@torch.no_grad()
+def recall_metrics(model, dataset, cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, float]:
+    """Value accuracy and NLL at recall queries, within (near) and beyond (far) the attention window."""
+    from torch.nn import functional as F
+
+    from .data.loader import BatchPlan
+
+    plan = BatchPlan(len(dataset), cfg.batch_size, dist_info.rank, dist_info.world_size, shuffle=False)
+    n = (
+        min(cfg.eval.num_batches, plan.batches_per_epoch)
+        if cfg.eval.num_batches > 0
+        else plan.batches_per_epoch
+    )
+    sums = torch.zeros(6, dtype=torch.float64)  # near: hits, nll, count; far: hits, nll, count
+    for step in range(n):
+        idx = plan.indices(0, step)
+        codes = torch.stack([dataset[i] for i in idx]).to(dist_info.device)
+        with _autocast(cfg, dist_info):
+            logits = model(codes).text_logits[:, 0].float()  # [B, T, V]
+        for b, i in enumerate(idx):
+            for q in dataset.queries(i):
+                lg = logits[b, q.value_pos]
+                k = 3 if q.far else 0
+                sums[k] += float(lg.argmax() == q.value)
+                sums[k + 1] += float(F.cross_entropy(lg[None], torch.tensor([q.value], device=lg.device)))
+                sums[k + 2] += 1
+    sums = D.all_reduce_sum(sums.to(dist_info.device)).cpu()
+    out = {}
+    for k, name in ((0, "near"), (3, "far")):
+        if sums[k + 2] > 0:
+            out[f"recall_acc_{name}"] = (sums[k] / sums[k + 2]).item()
+            out[f"recall_nll_{name}"] = (sums[k + 1] / sums[k + 2]).item()
+    return out
 
 
 def ttt_telemetry(base) -> dict[str, float]:
@@ -385,13 +442,14 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
             metrics.log("eval", step, ev)
             last.update({f"eval_{k}": v for k, v in ev.items()})
             logger.info(
-                "eval step %d | loss %.4f | text nll %.3f (ppl %.2f) | audio nll %.3f (ppl %.2f)",
+                "eval step %d | loss %.4f | text nll %.3f (ppl %.2f) | audio nll %.3f (ppl %.2f)%s",
                 step,
                 ev["loss"],
                 ev["text_nll"],
                 ev["text_ppl"],
                 ev["audio_nll"],
                 ev["audio_ppl"],
+                "".join(f" | {k} {ev[k]:.3f}" for k in ("recall_acc_near", "recall_acc_far") if k in ev),
             )
         if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or is_last:
             save_checkpoint(

@@ -1,0 +1,264 @@
+"""Long-context evaluation: loss as a function of position, and recall as a function of distance.
+
+For each run (a checkpoint, rebuilt as moshi loads it plus the TTT file), teacher-forced forward
+passes over an eval set give, per position bucket, the mean text and audio cross entropy (nats) over
+valid targets. On the recall task (``finetune.data.recall``) they also give the value accuracy and
+NLL per distance bucket. A TTT run can be evaluated a second time with its fast-weight updates
+turned off (``eta = 0``: the same weights without test-time training), side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from moshi_ttt import ttt_gatings
+
+from .inference import LoadedModel, load_checkpoint_model
+
+
+@dataclass
+class EvalResult:
+    name: str
+    position_edges: list[int]  # bucket b covers positions [edges[b], edges[b+1])
+    text_loss: list[float | None]
+    audio_loss: list[float | None]
+    distance_edges: list[int] = field(default_factory=list)
+    recall_acc: list[float | None] = field(default_factory=list)
+    recall_nll: list[float | None] = field(default_factory=list)
+    recall_count: list[int] = field(default_factory=list)
+
+
+def _buckets(values: np.ndarray, edges: list[int]) -> np.ndarray:
+    return np.clip(np.searchsorted(np.array(edges), values, side="right") - 1, 0, len(edges) - 2)
+
+
+@torch.no_grad()
+def evaluate_model(
+    name: str,
+    lm,
+    dataset,
+    *,
+    batch_size: int = 8,
+    max_items: int | None = None,
+    bucket: int = 16,
+    distance_edges: list[int] | None = None,
+) -> EvalResult:
+    lm.eval()
+    n = len(dataset) if max_items is None else min(max_items, len(dataset))
+    sums_t = sums_a = None
+    rec = None
+    T = None
+    for start in range(0, n, batch_size):
+        idx = list(range(start, min(n, start + batch_size)))
+        items = [dataset[i] for i in idx]
+        keep = [(i, x) for i, x in zip(idx, items) if x is not None]
+        if not keep:
+            continue
+        idx, items = [i for i, _ in keep], [x for _, x in keep]
+        codes = torch.stack(items)
+        B, K, T = codes.shape
+        if sums_t is None:
+            edges = list(range(0, T, bucket)) + [T]
+            sums_t, sums_a = np.zeros((2, len(edges) - 1)), np.zeros((2, len(edges) - 1))
+        out = lm(codes)
+        pos_b = _buckets(np.arange(T), edges)
+        # Text: [B, T] CE at valid positions.
+        tl = out.text_logits[:, 0].float()
+        tmask = out.text_mask[:, 0]
+        ce_t = torch.zeros(B, T)
+        ce_t[tmask] = F.cross_entropy(tl[tmask], codes[:, 0][tmask], reduction="none")
+        # Audio: mean over the valid predicted codebooks at each position.
+        al = out.logits.float()
+        amask = out.mask
+        dep_q = al.shape[1]
+        ce_a = torch.zeros(B, dep_q, T)
+        ce_a[amask] = F.cross_entropy(al[amask], codes[:, 1 : 1 + dep_q][amask], reduction="none")
+        for b_idx in range(len(edges) - 1):
+            sel = torch.from_numpy(pos_b == b_idx)
+            sums_t[0, b_idx] += ce_t[:, sel][tmask[:, sel]].sum().item()
+            sums_t[1, b_idx] += tmask[:, sel].sum().item()
+            sums_a[0, b_idx] += ce_a[:, :, sel][amask[:, :, sel]].sum().item()
+            sums_a[1, b_idx] += amask[:, :, sel].sum().item()
+        if hasattr(dataset, "queries") and distance_edges:
+            if rec is None:
+                rec = np.zeros((3, len(distance_edges) - 1))
+            for b, i in enumerate(idx):
+                for q in dataset.queries(i):
+                    d = int(_buckets(np.array([q.distance]), distance_edges)[0])
+                    lg = tl[b, q.value_pos]
+                    rec[0, d] += float(lg.argmax() == q.value)
+                    rec[1, d] += F.cross_entropy(lg[None], torch.tensor([q.value])).item()
+                    rec[2, d] += 1
+    if sums_t is None:
+        raise ValueError("the eval set has no valid item")
+
+    def ratio(s):
+        return [float(a / c) if c > 0 else None for a, c in zip(s[0], s[1])]
+
+    res = EvalResult(name, edges, ratio(sums_t), ratio(sums_a))
+    if rec is not None:
+        res.distance_edges = list(distance_edges)
+        res.recall_acc = [float(a / c) if c else None for a, c in zip(rec[0], rec[2])]
+        res.recall_nll = [float(a / c) if c else None for a, c in zip(rec[1], rec[2])]
+        res.recall_count = [int(c) for c in rec[2]]
+    return res
+
+
+def eval_dataset_for(loaded: LoadedModel, num_items: int | None = None):
+    """The eval split of the run's own training data (recall, synthetic or manifest)."""
+    from .trainer import build_datasets
+
+    _, evals = build_datasets(loaded.cfg, loaded.lm)
+    if evals is None:
+        raise ValueError(f"{loaded.checkpoint}: the run has no eval data (data.eval); pass --eval-config")
+    return evals
+
+
+def context_of(lm) -> tuple[int, int]:
+    """(attention window, receptive field of the stacked layers) in steps."""
+    ctx = lm.transformer.layers[0].self_attn.context or 10**9
+    return ctx, len(lm.transformer.layers) * (ctx - 1)
+
+
+def evaluate_runs(
+    runs: list[str | Path],
+    *,
+    eval_config: str | Path | None = None,
+    frozen_too: bool = True,
+    max_items: int | None = 64,
+    batch_size: int = 8,
+    bucket: int | None = None,
+) -> dict[str, Any]:
+    results: list[EvalResult] = []
+    info: dict[str, Any] = {}
+    dataset = None
+    for run in runs:
+        loaded = load_checkpoint_model(run, with_codec=False)
+        if dataset is None:
+            if eval_config is not None:
+                from .args import load_config
+                from .trainer import build_datasets
+
+                cfg = load_config(eval_config)
+                _, dataset = build_datasets(cfg, loaded.lm)
+            else:
+                dataset = eval_dataset_for(loaded)
+            ctx, receptive = context_of(loaded.lm)
+            info = {
+                "context": ctx,
+                "receptive_field": receptive,
+                "eval_items": min(len(dataset), max_items or 10**9),
+            }
+        b = bucket or max(4, ctx // 2 if ctx < 10**9 else 64)
+        d_edges = [0, ctx, receptive + 1, 10**9] if hasattr(dataset, "queries") else None
+        name = Path(run).name if (Path(run) / "checkpoints").is_dir() else str(Path(run).parent.parent.name)
+        kw = dict(batch_size=batch_size, max_items=max_items, bucket=b, distance_edges=d_edges)
+        results.append(evaluate_model(name + (" (TTT)" if loaded.ttt else ""), loaded.lm, dataset, **kw))
+        if loaded.ttt and frozen_too:
+            for g in ttt_gatings(loaded.lm).values():
+                g.config.eta = 0.0
+            results.append(evaluate_model(name + " (TTT updates off)", loaded.lm, dataset, **kw))
+    return {"info": info, "results": [r.__dict__ for r in results]}
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    info, res = report["info"], report["results"]
+    lines = [
+        f"Attention window: {info['context']} steps; stacked receptive field: {info['receptive_field']} steps; "
+        f"{info['eval_items']} eval sequences.",
+        "",
+    ]
+    if res and res[0]["recall_acc"]:
+        e = res[0]["distance_edges"]
+        labels = [f"[{a}, {b})" if b < 10**9 else f">= {a}" for a, b in zip(e[:-1], e[1:])]
+        lines += ["Recall: value accuracy (NLL) by distance from the definition, in steps", ""]
+        lines += ["| run | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        for r in res:
+            cells = [
+                f"{_fmt(a)} ({_fmt(n)}, n={c})"
+                for a, n, c in zip(r["recall_acc"], r["recall_nll"], r["recall_count"])
+            ]
+            lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    e = res[0]["position_edges"] if res else []
+    labels = [f"{a}-{b - 1}" for a, b in zip(e[:-1], e[1:])]
+    for key, title in (
+        ("text_loss", "Text cross entropy (nats) by position"),
+        ("audio_loss", "Audio cross entropy (nats, mean over codebooks) by position"),
+    ):
+        lines += [title, "", "| run | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        for r in res:
+            lines.append(f"| {r['name']} | " + " | ".join(_fmt(v) for v in r[key]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    info, res = report["info"], report["results"]
+    has_recall = bool(res and res[0]["recall_acc"])
+    fig, axes = plt.subplots(1, 2 if has_recall else 1, figsize=(12 if has_recall else 7, 4.5), squeeze=False)
+    ax = axes[0, 0]
+    for r in res:
+        e = r["position_edges"]
+        centers = [(a + b - 1) / 2 for a, b in zip(e[:-1], e[1:])]
+        ax.plot(
+            centers, [v if v is not None else np.nan for v in r["text_loss"]], marker="o", label=r["name"]
+        )
+    for x, label in (
+        (info["context"], "attention window"),
+        (info["receptive_field"], "stacked receptive field"),
+    ):
+        if x < 10**9:
+            ax.axvline(x, color="gray", ls="--" if "window" in label else ":", lw=1)
+            ax.text(x, ax.get_ylim()[1], f" {label}", fontsize=8, va="top", color="gray")
+    ax.set_xlabel("position (steps, 12.5 per second)")
+    ax.set_ylabel("text cross entropy (nats)")
+    ax.set_title("Text loss by position")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if has_recall:
+        ax = axes[0, 1]
+        e = res[0]["distance_edges"]
+        labels = [f"[{a},{b})" if b < 10**9 else f">={a}" for a, b in zip(e[:-1], e[1:])]
+        width = 0.8 / len(res)
+        for k, r in enumerate(res):
+            xs = np.arange(len(labels)) + k * width
+            ax.bar(xs, [v if v is not None else 0 for v in r["recall_acc"]], width=width, label=r["name"])
+        ax.set_xticks(np.arange(len(labels)) + width * (len(res) - 1) / 2, labels)
+        ax.set_xlabel("distance from definition (steps)")
+        ax.set_ylabel("value accuracy")
+        ax.set_ylim(0, 1)
+        ax.set_title("Recall by distance")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    j = out_dir / "long_context.json"
+    j.write_text(json.dumps(report, indent=1))
+    md = out_dir / "long_context.md"
+    md.write_text(to_markdown(report))
+    return [j, md, plot(report, out_dir / "long_context.png")]

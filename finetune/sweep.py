@@ -1,0 +1,277 @@
+"""Grid sweeps over training settings (``scripts/sweep.py``).
+
+A sweep file::
+
+    base: configs/recall_tiny.yaml          # the training config every run starts from
+    out_dir: runs/sweeps/recall_tiny        # run k lives in out_dir/<name from its overrides>
+    overrides: {max_steps: 600}             # applied to every run
+    grid:                                   # dotted keys -> values; the runs are the product
+      ttt.chunk_size: [8, 16]
+      ttt.eta: [0.001, 0.01, 0.1, 1.0, 10.0]
+    metrics: [eval_recall_acc_far, eval_recall_acc_near, eval_loss]
+
+Runs are named from their grid values (``chunk_size=8,eta=0.001``), so the same grid always maps to
+the same directories: a finished run (a checkpoint at its ``max_steps``) is skipped, an interrupted
+one resumes from its newest checkpoint (the trainer's ``resume: auto``).
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .args import load_config
+from .checkpointing import list_checkpoints
+from .schema import ConfigError
+
+
+@dataclass
+class Run:
+    name: str
+    params: dict[str, Any]  # grid values of this run
+    overrides: dict[str, Any]  # everything passed to train.py (fixed overrides + grid + run_dir)
+    run_dir: Path
+
+
+@dataclass
+class Sweep:
+    base: Path
+    out_dir: Path
+    grid: dict[str, list[Any]]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    metrics: list[str] = field(default_factory=lambda: ["eval_loss"])
+
+    @classmethod
+    def load(cls, path: str | Path) -> Sweep:
+        path = Path(path)
+        data = yaml.safe_load(path.read_text()) or {}
+        unknown = sorted(set(data) - {"base", "out_dir", "grid", "overrides", "metrics"})
+        if unknown:
+            raise ConfigError(
+                f"{path}: unknown sweep keys {unknown}; allowed: base, out_dir, grid, overrides, metrics"
+            )
+        if not isinstance(data.get("grid"), dict) or not data["grid"]:
+            raise ConfigError(f"{path}: 'grid' must map dotted config keys to lists of values")
+        for k, v in data["grid"].items():
+            if not isinstance(v, list) or not v:
+                raise ConfigError(f"{path}: grid.{k} must be a non-empty list of values")
+        base = Path(data.get("base", ""))
+        if not base.is_file() and (path.parent / base).is_file():
+            base = path.parent / base
+        if not base.is_file():
+            raise ConfigError(f"{path}: base config {data.get('base')!r} not found")
+        sweep = cls(
+            base=base,
+            out_dir=Path(data.get("out_dir") or f"runs/sweeps/{path.stem}"),
+            grid=data["grid"],
+            overrides=data.get("overrides") or {},
+            metrics=data.get("metrics") or ["eval_loss"],
+        )
+        for run in sweep.runs():  # every run's config must be valid before anything starts
+            load_config(sweep.base, run.overrides)
+        return sweep
+
+    def runs(self) -> list[Run]:
+        keys = list(self.grid)
+        short = _short_names(keys)
+        out = []
+        for values in itertools.product(*(self.grid[k] for k in keys)):
+            params = dict(zip(keys, values))
+            name = ",".join(f"{short[k]}={_fmt(v)}" for k, v in params.items())
+            run_dir = self.out_dir / _safe(name)
+            out.append(Run(name, params, {**self.overrides, **params, "run_dir": str(run_dir)}, run_dir))
+        return out
+
+    def status(self, run: Run) -> str:
+        """``done``, ``partial`` (has checkpoints, resumable) or ``new``."""
+        ckpts = list_checkpoints(run.run_dir)
+        if not ckpts:
+            return "new"
+        max_steps = load_config(self.base, run.overrides).max_steps
+        return "done" if ckpts[-1][0] >= max_steps else "partial"
+
+    def command(self, run: Run, nproc: int = 1, python: str = sys.executable) -> list[str]:
+        launcher = (
+            [python] if nproc <= 1 else [python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+        )
+        args = [f"--{k}={_cli_value(v)}" for k, v in run.overrides.items()]
+        return [*launcher, "train.py", str(self.base), *args]
+
+    def run_all(self, runner: Callable[[Run], int], log: Callable[[str], None] = print) -> dict[str, str]:
+        results = {}
+        runs = self.runs()
+        for i, run in enumerate(runs, 1):
+            state = self.status(run)
+            if state == "done":
+                log(f"[{i}/{len(runs)}] {run.name}: finished, skipped")
+                results[run.name] = "skipped"
+                continue
+            log(f"[{i}/{len(runs)}] {run.name}: {'resuming' if state == 'partial' else 'starting'}")
+            code = runner(run)
+            results[run.name] = "ok" if code == 0 else f"failed ({code})"
+            if code != 0:
+                log(
+                    f"[{i}/{len(runs)}] {run.name}: failed with exit code {code} (see {run.run_dir}/train.log)"
+                )
+        return results
+
+    def collect(self) -> list[dict[str, Any]]:
+        """One row per run: its grid values, status and the last value of each metric."""
+        rows = []
+        for run in self.runs():
+            row: dict[str, Any] = {"run": run.name, **run.params, "status": self.status(run)}
+            last = last_metrics(run.run_dir)
+            for m in self.metrics:
+                row[m] = last.get(m)
+            rows.append(row)
+        return rows
+
+    def write_results(self, rows: list[dict[str, Any]]) -> list[Path]:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        cols = list(rows[0]) if rows else []
+        csv_path, md_path = self.out_dir / "results.csv", self.out_dir / "results.md"
+        with csv_path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(rows)
+        md_path.write_text(markdown_table(rows, cols))
+        paths = [csv_path, md_path]
+        png = self.plot(rows)
+        if png is not None:
+            paths.append(png)
+        return paths
+
+    def plot(self, rows: list[dict[str, Any]]) -> Path | None:
+        """The first metric against the first numeric grid key, one line per other setting."""
+        numeric = [k for k in self.grid if all(isinstance(v, (int, float)) for v in self.grid[k])]
+        if not rows or not numeric:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        x_key = "ttt.eta" if "ttt.eta" in numeric else numeric[0]
+        metric = self.metrics[0]
+        others = [k for k in self.grid if k != x_key]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        groups: dict[tuple, list[tuple[float, float]]] = {}
+        for r in rows:
+            if r.get(metric) is None:
+                continue
+            groups.setdefault(tuple(r[k] for k in others), []).append((r[x_key], r[metric]))
+        for key, pts in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            pts.sort()
+            label = ", ".join(f"{_short_names(others)[k]}={v}" for k, v in zip(others, key)) or metric
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        if x_key == "ttt.eta" or all(v > 0 for v in self.grid[x_key]):
+            ax.set_xscale("log")
+        ax.set_xlabel(x_key)
+        ax.set_ylabel(metric)
+        ax.set_title(f"{self.out_dir.name}: {metric}")
+        ax.grid(alpha=0.3)
+        if len(groups) > 1:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = self.out_dir / "results.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    def wandb_sweep(self) -> dict[str, Any]:
+        """A wandb sweep definition (grid) that launches train.py with the same overrides."""
+        params = {k: {"values": v} for k, v in self.grid.items()}
+        params.update({k: {"value": v} for k, v in self.overrides.items()})
+        return {
+            "program": "train.py",
+            "method": "grid",
+            "name": self.out_dir.name,
+            "metric": {"name": f"eval/{self.metrics[0].removeprefix('eval_')}", "goal": "maximize"},
+            "parameters": params,
+            "command": ["${env}", "${interpreter}", "${program}", str(self.base), "${args}"],
+        }
+
+
+def last_metrics(run_dir: Path) -> dict[str, Any]:
+    """The latest value of every logged metric: ``eval_<name>`` for eval records, ``<name>`` for train."""
+    path = Path(run_dir) / "metrics.jsonl"
+    out: dict[str, Any] = {}
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+        prefix = "eval_" if r.get("kind") == "eval" else ""
+        if r.get("kind") in ("train", "eval"):
+            for k, v in r.items():
+                if k not in ("kind", "time"):
+                    out[prefix + k] = v
+    return out
+
+
+def markdown_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def subprocess_runner(sweep: Sweep, nproc: int = 1, cwd: str | Path = ".") -> Callable[[Run], int]:
+    def run(r: Run) -> int:
+        r.run_dir.mkdir(parents=True, exist_ok=True)
+        with (r.run_dir / "train.log").open("a") as log:
+            return subprocess.run(
+                sweep.command(r, nproc), cwd=cwd, stdout=log, stderr=subprocess.STDOUT
+            ).returncode
+
+    return run
+
+
+def _short_names(keys: list[str]) -> dict[str, str]:
+    last = [k.split(".")[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return "-".join(_fmt(x) for x in v)
+    return str(v)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9=,._+-]", "_", name)
+
+
+def _cli_value(v: Any) -> str:
+    if isinstance(v, (list, dict)):
+        return json.dumps(v, separators=(",", ":"))
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    return str(v)
+
+
+def shell_line(cmd: list[str]) -> str:
+    return " ".join(shlex.quote(c) for c in cmd)

@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Run a grid of training settings, then collect the results into a table and a plot.
+
+    python scripts/sweep.py configs/sweeps/recall_tiny.yaml --dry-run        # list the runs and their state
+    python scripts/sweep.py configs/sweeps/recall_tiny.yaml                  # run them here, one after another
+    python scripts/sweep.py configs/sweeps/recall_tiny.yaml --print-commands --nproc 8   # torchrun lines for a cluster
+    python scripts/sweep.py configs/sweeps/recall_tiny.yaml --collect        # results.csv / .md / .png only
+    python scripts/sweep.py configs/sweeps/recall_tiny.yaml --wandb-sweep sweep_wandb.yaml
+
+Re-running skips finished runs and resumes interrupted ones. The file format is described in
+``finetune/sweep.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from finetune.schema import ConfigError  # noqa: E402
+from finetune.sweep import Sweep, markdown_table, shell_line, subprocess_runner  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", type=Path)
+    p.add_argument("--dry-run", action="store_true", help="list the runs and whether they are done")
+    p.add_argument(
+        "--print-commands", action="store_true", help="print one launch command per unfinished run"
+    )
+    p.add_argument("--collect", action="store_true", help="only collect the results table and plot")
+    p.add_argument("--wandb-sweep", type=Path, help="write a wandb sweep definition of this grid")
+    p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
+    args = p.parse_args()
+    try:
+        sweep = Sweep.load(args.sweep)
+    except (ConfigError, ValueError) as e:
+        print(f"sweep error: {e}", file=sys.stderr)
+        return 2
+    runs = sweep.runs()
+    if args.wandb_sweep:
+        args.wandb_sweep.write_text(yaml.safe_dump(sweep.wandb_sweep(), sort_keys=False))
+        print(f"wrote {args.wandb_sweep}: `wandb sweep {args.wandb_sweep}` then `wandb agent <id>`")
+        return 0
+    if args.dry_run or args.print_commands:
+        for r in runs:
+            state = sweep.status(r)
+            if args.print_commands:
+                if state != "done":
+                    print(shell_line(sweep.command(r, args.nproc, python="python")))
+            else:
+                print(f"{state:8s} {r.name}  ->  {r.run_dir}")
+        if args.dry_run:
+            print(f"{len(runs)} runs in {sweep.out_dir}")
+        return 0
+    if not args.collect:
+        results = sweep.run_all(subprocess_runner(sweep, args.nproc, cwd=ROOT))
+        failed = [n for n, s in results.items() if s.startswith("failed")]
+    else:
+        failed = []
+    rows = sweep.collect()
+    paths = sweep.write_results(rows)
+    print(markdown_table(rows, list(rows[0])))
+    print("wrote " + ", ".join(map(str, paths)))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Recall task generator, sweep expansion / skip / resume / collection, long-context evaluation."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from finetune.data.recall import DEF, FIRST_KEY, QRY, RecallTask
+from finetune.sweep import Sweep, last_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- recall data
+
+
+def test_recall_queries_are_where_they_claim_and_beyond_the_window_when_far():
+    task = RecallTask(50, 160, context=16, far_min=62, pairs=4)
+    n_far = n_near = 0
+    for i in range(len(task)):
+        text, queries = task.layout(i)
+        item = task[i]
+        assert item.shape == (1 + task.n_q, 160) and torch.equal(item[0], text)
+        assert (item[1:] == 0).all()  # silence in the audio codebooks
+        defs = {int(text[p + 1]): (p + 2, int(text[p + 2])) for p in range(158) if text[p] == DEF}
+        assert len(defs) == 4  # keys are distinct within a sequence
+        for q in queries:
+            assert text[q.value_pos - 2] == QRY and text[q.value_pos] == q.value
+            key = int(text[q.value_pos - 1])
+            def_pos, def_value = defs[key]
+            assert def_value == q.value and q.value_pos - def_pos == q.distance
+            if q.far:
+                n_far += 1
+                assert q.distance >= 62  # beyond 4 layers x 15 steps of stacked attention
+            else:
+                n_near += 1
+                assert 0 < q.distance < 16  # inside one attention window
+    assert n_far >= 80 and n_near >= 80
+
+
+def test_recall_values_are_only_recoverable_from_the_same_sequence():
+    task = RecallTask(400, 160, context=16, far_min=62, pairs=4)
+    mapping: dict[int, set[int]] = {}
+    for i in range(len(task)):
+        text, queries = task.layout(i)
+        for q in queries:
+            mapping.setdefault(int(text[q.value_pos - 1]), set()).add(q.value)
+    # Across sequences a key takes many values: no fixed key -> value rule to memorise.
+    assert all(len(v) >= 8 for v in mapping.values()) and len(mapping) == 16
+    assert min(mapping) >= FIRST_KEY
+    assert torch.equal(RecallTask(3, 160, 16, far_min=62)[2], task[2])  # a function of (seed, index)
+
+
+def test_recall_task_rejects_impossible_layouts():
+    with pytest.raises(ValueError, match="cannot hold"):
+        RecallTask(4, 40, context=16, far_min=62)
+    with pytest.raises(ValueError, match="text ids"):
+        RecallTask(4, 160, context=16, num_keys=60, num_values=60, text_card=100)
+
+
+# ---------------------------------------------------------------- sweeps
+
+
+def _sweep_file(tmp_path, grid=None, **extra):
+    data = {
+        "base": str(ROOT / "configs" / "tiny_synthetic.yaml"),
+        "out_dir": str(tmp_path / "sweep"),
+        "overrides": {"max_steps": 4},
+        "grid": grid
+        or {"ttt.chunk_size": [8, 16], "ttt.eta": [0.001, 1.0], "ttt.target_source": ["text_emb", "hidden"]},
+        "metrics": ["eval_recall_acc_far", "loss"],
+        **extra,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def fake_trainer(sweep, calls, fail):
+    """Writes what the real trainer writes (checkpoints, metrics) without training. The eta=0.001 runs
+    stop after step 2 on their first attempt (an interruption); runs named in ``fail`` exit with 3."""
+    from finetune.args import load_config
+
+    attempts: dict[str, int] = {}
+
+    def run(r):
+        calls.append(r.name)
+        attempts[r.name] = attempts.get(r.name, 0) + 1
+        if r.name in fail:
+            return 3
+        cfg = load_config(sweep.base, r.overrides)
+        ckdir = r.run_dir / "checkpoints"
+        start = (
+            max((int(p.name.split("_")[1]) for p in ckdir.glob("step_*")), default=0) if ckdir.exists() else 0
+        )
+        end = 2 if "eta=0.001" in r.name and attempts[r.name] == 1 else cfg.max_steps
+        for step in range(start + 1, end + 1):
+            ck = ckdir / f"step_{step:06d}"
+            ck.mkdir(parents=True)
+            (ck / "meta.json").write_text("{}")
+            with (r.run_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps({"kind": "train", "step": step, "loss": 1.0 / step}) + "\n")
+                acc = cfg.ttt.eta * cfg.ttt.chunk_size / (1 + cfg.ttt.eta * cfg.ttt.chunk_size)
+                f.write(json.dumps({"kind": "eval", "step": step, "recall_acc_far": acc}) + "\n")
+        return 0
+
+    return run
+
+
+def test_sweep_expansion_and_naming(tmp_path):
+    sweep = Sweep.load(_sweep_file(tmp_path))
+    runs = sweep.runs()
+    assert len(runs) == 8
+    assert runs[0].name == "chunk_size=8,eta=0.001,target_source=text_emb"
+    assert runs[-1].name == "chunk_size=16,eta=1,target_source=hidden"
+    assert len({r.run_dir for r in runs}) == 8
+    assert runs[0].overrides == {
+        "max_steps": 4,
+        "ttt.chunk_size": 8,
+        "ttt.eta": 0.001,
+        "ttt.target_source": "text_emb",
+        "run_dir": str(runs[0].run_dir),
+    }
+    cmd = sweep.command(runs[0], nproc=8, python="python")
+    assert cmd[:4] == ["python", "-m", "torch.distributed.run", "--nproc-per-node=8"]
+    assert "--ttt.eta=0.001" in cmd and f"--run_dir={runs[0].run_dir}" in cmd
+
+
+def test_sweep_rejects_bad_grids(tmp_path):
+    with pytest.raises(ValueError, match="TTTConfig.chunk_size"):
+        Sweep.load(_sweep_file(tmp_path, grid={"ttt.chunk_size": [0, 8]}))
+    with pytest.raises(ValueError, match="unknown key ttt.etaa"):
+        Sweep.load(_sweep_file(tmp_path, grid={"ttt.etaa": [1.0]}))
+    with pytest.raises(ValueError, match="non-empty list"):
+        Sweep.load(_sweep_file(tmp_path, grid={"ttt.eta": 1.0}))
+
+
+def test_sweep_skips_finished_resumes_interrupted_and_collects(tmp_path):
+    sweep = Sweep.load(_sweep_file(tmp_path))
+    calls: list[str] = []
+    fail = {"chunk_size=16,eta=1,target_source=hidden"}
+    runner = fake_trainer(sweep, calls, fail)
+    first = sweep.run_all(runner, log=lambda s: None)
+    assert first["chunk_size=16,eta=1,target_source=hidden"] == "failed (3)"
+    assert sweep.status(sweep.runs()[0]) == "partial"  # the eta=0.001 runs stopped at step 2 of 4
+    calls.clear()
+    fail.clear()
+    second = sweep.run_all(runner, log=lambda s: None)
+    assert sorted(calls) == sorted(
+        [r.name for r in sweep.runs() if "eta=0.001" in r.name] + ["chunk_size=16,eta=1,target_source=hidden"]
+    )
+    assert sum(v == "skipped" for v in second.values()) == 3  # 8 runs: 4 interrupted, 1 failed, 3 finished
+    assert all(sweep.status(r) == "done" for r in sweep.runs())
+    # Resumed runs continued at step 3, not from scratch.
+    lines = (sweep.runs()[0].run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines if '"train"' in x] == [1, 2, 3, 4]
+    rows = sweep.collect()
+    assert len(rows) == 8 and rows[0]["eval_recall_acc_far"] == pytest.approx(0.008 / 1.008)
+    assert rows[0]["loss"] == 0.25
+    paths = sweep.write_results(rows)
+    assert [p.name for p in paths] == ["results.csv", "results.md", "results.png"]
+    assert "| chunk_size=8,eta=0.001,target_source=text_emb |" in (sweep.out_dir / "results.md").read_text()
+    wb = sweep.wandb_sweep()
+    assert wb["method"] == "grid" and wb["parameters"]["ttt.eta"] == {"values": [0.001, 1.0]}
+
+
+def test_last_metrics_survives_a_cut_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "eval", "step": 1, "loss": 2.0}\n{"kind": "tr')
+    assert last_metrics(tmp_path) == {"eval_step": 1, "eval_loss": 2.0}
+
+
+def test_sweep_cli_dry_run_and_commands(tmp_path):
+    path = _sweep_file(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "scripts/sweep.py", str(path), "--dry-run"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "8 runs in" in out.stdout and out.stdout.count("new ") == 8
+    out = subprocess.run(
+        [sys.executable, "scripts/sweep.py", str(path), "--print-commands", "--nproc", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.stdout.count("torch.distributed.run") == 8
+
+
+# ---------------------------------------------------------------- long-context evaluation
+
+
+@pytest.fixture(scope="module")
+def recall_runs(tmp_path_factory):
+    from finetune.args import load_config
+    from finetune.schema import apply_overrides
+    from finetune.trainer import train
+
+    root = tmp_path_factory.mktemp("recall")
+    base = yaml.safe_load((ROOT / "configs" / "recall_tiny.yaml").read_text())
+    small = {
+        "max_steps": 3,
+        "batch_size": 2,
+        "model.tiny.dim": 32,
+        "model.tiny.num_layers": 2,
+        "data.recall.num_train": 16,
+        "data.recall.num_eval": 8,
+        "eval.interval": 0,
+        "checkpoint.interval": 0,
+    }
+    for name, ttt in (("ttt", True), ("base", False)):
+        train(
+            load_config(
+                None,
+                apply_overrides(
+                    base, {**small, "run_dir": str(root / name), "ttt.enabled": ttt, "ttt.layers": [1]}
+                ),
+            )
+        )
+    return root
+
+
+def test_eval_script_writes_json_table_and_plot(recall_runs, tmp_path):
+    res = subprocess.run(
+        [
+            sys.executable,
+            "scripts/eval_long_context.py",
+            str(recall_runs / "ttt"),
+            str(recall_runs / "base"),
+            "--out",
+            str(tmp_path / "rep"),
+            "--max-items",
+            "8",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((tmp_path / "rep" / "long_context.json").read_text())
+    names = [r["name"] for r in report["results"]]
+    assert names == ["ttt (TTT)", "ttt (TTT updates off)", "base"]
+    assert report["info"]["context"] == 16 and report["info"]["receptive_field"] == 30
+    for r in report["results"]:
+        assert len(r["text_loss"]) == len(r["position_edges"]) - 1 == 20  # 160 steps in buckets of 8
+        assert all(v is None or v > 0 for v in r["text_loss"])
+        assert r["distance_edges"] == [0, 16, 31, 10**9] and sum(r["recall_count"]) > 0
+    md = (tmp_path / "rep" / "long_context.md").read_text()
+    assert "Recall: value accuracy" in md and "| ttt (TTT updates off) |" in md
+    png = (tmp_path / "rep" / "long_context.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
