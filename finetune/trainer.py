@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import re
 import time
 import uuid
@@ -297,8 +298,10 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
         saved_cfg = yaml.safe_load((resume_path / "config.yaml").read_text())
         trainer_state = torch.load(resume_path / "trainer_state.pt", weights_only=True, map_location="cpu")
         check_resume_compatible(saved_cfg, cfg_dict, trainer_state["world_size"], dist_info.world_size)
+    lock = None
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        lock = _lock_run_dir(run_dir)
         clean_stale_tmp(run_dir)
         (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
     D.barrier()
@@ -466,6 +469,8 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
             )
     if wandb_run is not None:
         wandb_run.finish()
+    if lock is not None:
+        lock.close()
     logger.info(
         "done: %d steps in %s, run directory %s",
         cfg.max_steps - start_step,
@@ -473,6 +478,26 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
         run_dir,
     )
     return {"step": cfg.max_steps, "run_dir": str(run_dir), **last}
+
+
+def _lock_run_dir(run_dir: Path):
+    """An exclusive lock on ``run_dir`` for this run's lifetime: two trainings writing one run directory
+    (a sweep launched twice, a relaunch while the first is alive) would corrupt its checkpoints."""
+    import fcntl
+
+    f = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held open until the process exits
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        owner = f.read().strip() or "?"
+        f.close()
+        raise RuntimeError(f"{run_dir} is in use by another training process (pid {owner}); nothing was changed")
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 def _apply_new_lrs(optimizer, scheduler, cfg: TrainConfig) -> None:

@@ -440,3 +440,18 @@ def test_bad_local_checkpoint_is_a_clear_error(tmp_path):
     )
     with pytest.raises(ValueError, match="does not match the architecture in the model config"):
         train(tiny_cfg(tmp_path / "y", **over))
+
+
+def test_a_run_directory_in_use_is_refused(tmp_path):
+    from finetune.trainer import _lock_run_dir
+
+    run = tmp_path / "busy"
+    run.mkdir()
+    held = _lock_run_dir(run)
+    try:
+        with pytest.raises(RuntimeError, match="is in use by another training process"):
+            train(tiny_cfg(run, max_steps=1))
+        assert not (run / "checkpoints").exists()
+    finally:
+        held.close()
+    train(tiny_cfg(run, max_steps=1))  # free again
