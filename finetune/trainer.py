@@ -488,11 +488,13 @@ def _lock_run_dir(run_dir: Path):
     f = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held open until the process exits
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except BlockingIOError as e:
         f.seek(0)
         owner = f.read().strip() or "?"
         f.close()
-        raise RuntimeError(f"{run_dir} is in use by another training process (pid {owner}); nothing was changed")
+        raise RuntimeError(
+            f"{run_dir} is in use by another training process (pid {owner}); nothing was changed"
+        ) from e
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))
