@@ -23,6 +23,7 @@ from . import distributed as D
 from .args import TrainConfig, config_to_yaml
 from .checkpointing import clean_stale_tmp, load_checkpoint, resolve_resume, save_checkpoint
 from .data import BatchPlan, ResumableLoader, SyntheticCodes, eval_batches
+from .data.loader import eval_plan
 from .loss import compute_loss, target_weights
 from .model import build_model, param_table
 from .monitoring import Metrics, fmt_duration, init_wandb, setup_logging
@@ -220,9 +221,7 @@ def recall_metrics(model, dataset, cfg: TrainConfig, dist_info: D.DistInfo) -> d
     """Value accuracy and NLL at recall queries, within (near) and beyond (far) the attention window."""
     from torch.nn import functional as F
 
-    from .data.loader import BatchPlan
-
-    plan = BatchPlan(len(dataset), cfg.batch_size, dist_info.rank, dist_info.world_size, shuffle=False)
+    plan = eval_plan(len(dataset), cfg.batch_size, dist_info.rank, dist_info.world_size)
     n = (
         min(cfg.eval.num_batches, plan.batches_per_epoch)
         if cfg.eval.num_batches > 0
@@ -312,6 +311,8 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
     logger.info("trainable parameters (finetune=%s):\n%s", cfg.finetune, param_table(base))
     train_set, eval_set = build_datasets(cfg, base)
     plan = BatchPlan(len(train_set), cfg.batch_size, dist_info.rank, dist_info.world_size, seed=cfg.seed)
+    if eval_set is not None:  # a too-small held-out set fails now, not at the first evaluation
+        eval_plan(len(eval_set), cfg.batch_size, dist_info.rank, dist_info.world_size)
     loader = ResumableLoader(train_set, plan, num_workers=cfg.data.num_workers)
 
     model = _wrap(base, cfg, dist_info)

@@ -1,6 +1,7 @@
 """Data pipeline: interleaving, tiny dataset round trip, code cache, bad input, resumable loading."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -384,3 +385,51 @@ def test_other_sample_rates_are_resampled_to_24k(tmp_path):
     # sphn's resampler pads a little (under one 1920-sample Mimi frame).
     assert wav.shape[0] == 2 and 0 <= wav.shape[1] - 24000 * seconds < 1920
     assert np.abs(wav[1]).max() < 1e-3 < np.abs(wav[0]).max()  # left stays left
+
+
+def test_embedded_default_config_trains_through_the_cli(tiny_ds, tmp_path):
+    """`train.py configs/tiny.yaml` as the README runs it, on a generated dataset (fewer steps)."""
+    run = tmp_path / "run"
+    data = {k: tiny_ds / v for k, v in _TINY_FILES.items()}
+    res = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "configs/tiny.yaml",
+            f"--run_dir={run}",
+            "--max_steps=4",
+            "--batch_size=2",
+        ]
+        + ["--log_interval=1", "--eval.interval=4", "--eval.num_batches=1", "--checkpoint.interval=4"]
+        + [f"--data.{k}={p}" for k, p in data.items()]
+        + [f"--data.cache_dir={tmp_path / 'codes'}"],
+        cwd=ROOT,
+        env=dict(os.environ, NO_TORCH_COMPILE="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert any(r["kind"] == "eval" for r in recs)
+    assert (run / "checkpoints").is_dir() and any((tmp_path / "codes").rglob("*"))
+
+
+_TINY_FILES = {
+    "train": "train.jsonl",
+    "eval": "eval.jsonl",
+    "tokenizer": "tokenizer.model",
+    "mimi_weights": "mimi.safetensors",
+    "mimi_config": "mimi_config.json",
+}
+
+
+def test_a_small_evaluation_set_gets_smaller_batches_and_too_small_is_refused():
+    from finetune.data.loader import eval_plan
+
+    plan = eval_plan(3, 4, rank=1, world_size=2)
+    assert plan.batch_size == 1 and plan.batches_per_epoch == 1 and plan.indices(0, 0) == [1]
+    assert eval_plan(10, 4, 0, 1).batch_size == 4
+    with pytest.raises(ValueError, match="evaluation set has 1 items, fewer than the 2 processes"):
+        eval_plan(1, 4, 0, 2)

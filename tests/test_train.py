@@ -104,7 +104,7 @@ def test_overrides_parse_strings_by_type(tmp_path):
 def test_cli_reports_config_errors_and_saves_resolved_config(tmp_path):
     env = dict(os.environ, NO_TORCH_COMPILE="1")
     bad = subprocess.run(
-        [sys.executable, "train.py", "configs/tiny.yaml", "--optim.lrr=1"],
+        [sys.executable, "train.py", "configs/tiny_synthetic.yaml", "--optim.lrr=1"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -179,7 +179,7 @@ def test_sigkill_mid_training_resumes_with_checkpoints_intact(tmp_path):
     args = [
         sys.executable,
         "train.py",
-        "configs/tiny.yaml",
+        "configs/tiny_synthetic.yaml",
         f"--run_dir={run}",
         "--max_steps=400",
         "--checkpoint.interval=5",
@@ -317,7 +317,7 @@ def _run(args, nproc=1):
             f"--master-port={_free_port()}",
         ]
     res = subprocess.run(
-        launcher + ["train.py", "configs/tiny.yaml"] + args,
+        launcher + ["train.py", "configs/tiny_synthetic.yaml"] + args,
         cwd=ROOT,
         env=env,
         capture_output=True,

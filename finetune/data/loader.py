@@ -125,9 +125,19 @@ class ResumableLoader:
             self.epoch, self.step = self.epoch + 1, 0
 
 
+def eval_plan(num_items: int, batch_size: int, rank: int, world_size: int) -> BatchPlan:
+    """Unshuffled evaluation batches; a held-out set smaller than one global batch gets smaller batches."""
+    if num_items < world_size:
+        raise ValueError(
+            f"the evaluation set has {num_items} items, fewer than the {world_size} processes; "
+            "add evaluation data or set eval.interval=0"
+        )
+    return BatchPlan(num_items, min(batch_size, num_items // world_size), rank, world_size, shuffle=False)
+
+
 def eval_batches(dataset: Dataset, batch_size: int, num_batches: int, rank: int, world_size: int):
     """The same fixed, rank-sharded evaluation batches at every evaluation."""
-    plan = BatchPlan(len(dataset), batch_size, rank, world_size, shuffle=False)
+    plan = eval_plan(len(dataset), batch_size, rank, world_size)
     n = min(num_batches, plan.batches_per_epoch) if num_batches > 0 else plan.batches_per_epoch
     for step in range(n):
         batch = collate_codes([dataset[i] for i in plan.indices(0, step)])
