@@ -22,7 +22,8 @@ from moshi.modules.lora import LoRALinear, replace_all_linear_with_lora
 from safetensors.torch import load_file
 from torch import nn
 
-from moshi_ttt import TTTGating, apply_ttt
+from moshi_ttt import TTTGating, TTTMLPGating, apply_ttt
+from moshi_ttt.patch import TTT_GATINGS
 from moshi_ttt.tiny import tiny_lm_kwargs
 
 from .args import TrainConfig
@@ -90,6 +91,7 @@ def _init_lora(model: nn.Module) -> None:
 def _materialise(model: nn.Module, device: torch.device) -> None:
     """Allocate and initialise parameters still on meta after loading (new TTT / LoRA tensors)."""
     for mod_name, module in model.named_modules():
+        fresh = False
         for name, p in list(module.named_parameters(recurse=False)):
             if not p.is_meta:
                 continue
@@ -99,6 +101,8 @@ def _materialise(model: nn.Module, device: torch.device) -> None:
                 new.zero_()
             elif isinstance(module, TTTGating) and name == "target_proj":
                 new.copy_(torch.eye(p.shape[0], dtype=p.dtype))
+            elif isinstance(module, TTTMLPGating) and name in module.TTT_PARAMS:
+                fresh = True  # initialised below, all branch tensors together
             elif "lora_A" in full:
                 nn.init.kaiming_uniform_(new, a=math.sqrt(5))
             elif "lora_B" in full:
@@ -106,6 +110,8 @@ def _materialise(model: nn.Module, device: torch.device) -> None:
             else:
                 raise ValueError(f"{full} is missing from the checkpoint and has no initialisation rule")
             setattr(module, name, nn.Parameter(new, requires_grad=p.requires_grad))
+        if fresh:
+            module.reset_ttt_parameters()
         for name, b in list(module.named_buffers(recurse=False)):
             if b is not None and b.is_meta:
                 full = f"{mod_name}.{name}" if mod_name else name
@@ -142,7 +148,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> BuiltModel:
             raise ValueError(
                 f"{weights} does not match the architecture in the model config (check model.config_path): {e}"
             ) from e
-        allowed = tuple(f".{n}" for n in ("target_conv", "target_proj")) + ("lora_A.weight", "lora_B.weight")
+        new_ttt = ("target_conv", "target_proj") + TTTMLPGating.TTT_PARAMS
+        allowed = tuple(f".gating.{n}" for n in new_ttt) + ("lora_A.weight", "lora_B.weight")
         bad_missing = [k for k in res.missing_keys if not k.endswith(allowed)]
         if res.unexpected_keys or bad_missing:
             raise ValueError(
@@ -160,20 +167,24 @@ def build_model(cfg: TrainConfig, device: torch.device) -> BuiltModel:
 
 
 def param_groups(model: nn.Module) -> dict[str, str]:
-    """``{parameter name: group}`` with groups lora, ttt_target, w_down, slow (the TTT layers'
-    W_gate / W_up, LoRA-wrapped or not) and rest."""
-    slow = tuple(n + ".linear_in." for n, m in model.named_modules() if isinstance(m, TTTGating))
-    ttt = {
-        n + "." + t: g
-        for n, m in model.named_modules()
-        if isinstance(m, TTTGating)
-        for t, g in (("target_conv", "ttt_target"), ("target_proj", "ttt_target"), ("w_down", "w_down"))
-    }
+    """``{parameter name: group}`` with groups lora, ttt_target (In-Place TTT's conv and W_target),
+    w_down, ttt_mlp (the TTT-MLP branch), slow (the TTT layers' own MLP weights, LoRA-wrapped or not)
+    and rest."""
+    slow: list[str] = []
+    ttt: dict[str, str] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, TTT_GATINGS):
+            slow += [f"{n}.{p}" for p in m.SLOW_PARAMS]
+            for t in m.TTT_PARAMS:
+                ttt[f"{n}.{t}"] = (
+                    ("w_down" if t == "w_down" else "ttt_target") if isinstance(m, TTTGating) else "ttt_mlp"
+                )
+    slow_prefixes = tuple(slow)
     out = {}
     for name, _ in model.named_parameters():
         if name in ttt:
             out[name] = ttt[name]
-        elif slow and name.startswith(slow):
+        elif slow_prefixes and name.startswith(slow_prefixes):
             out[name] = "slow"
         elif "lora_A" in name or "lora_B" in name:
             out[name] = "lora"
@@ -188,7 +199,7 @@ def set_trainable(model: nn.Module, cfg: TrainConfig) -> None:
     groups = param_groups(model)
     for name, p in model.named_parameters():
         group = groups[name]
-        if group == "ttt_target":
+        if group in ("ttt_target", "ttt_mlp"):
             train = True
         elif group == "w_down":
             train = cfg.ttt.train_w_down
@@ -214,7 +225,8 @@ def param_table(model: nn.Module) -> str:
         "lora": "LoRA adapters",
         "ttt_target": "TTT target path (conv, W_target)",
         "w_down": "TTT w_down (fast-weight init W^(0))",
-        "slow": "TTT slow weights (W_gate, W_up)",
+        "ttt_mlp": "TTT-MLP branch (proj., fast-weight init)",
+        "slow": "TTT layers' slow MLP weights",
         "rest": "rest of Moshi",
     }
     total = {k: 0 for k in labels}
@@ -239,7 +251,7 @@ def optimizer_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_ttt = kinds[name] in ("ttt_target", "w_down")
+        is_ttt = kinds[name] in ("ttt_target", "w_down", "ttt_mlp")
         decay = p.dim() >= 2 and "emb" not in name
         groups.setdefault((is_ttt, decay), []).append(p)
     out = []

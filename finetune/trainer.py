@@ -45,6 +45,9 @@ _FIXED_KEYS = (
     "ttt.conv_kernel_size",
     "ttt.conv_depthwise",
     "ttt.target_source",
+    "ttt.variant",
+    "ttt.mlp_heads",
+    "ttt.mlp_expansion",
     "ttt.freeze_slow_weights",
     "ttt.train_w_down",
     "batch_size",
@@ -250,19 +253,9 @@ def recall_metrics(model, dataset, cfg: TrainConfig, dist_info: D.DistInfo) -> d
 
 
 def ttt_telemetry(base) -> dict[str, float]:
-    """Per TTT layer: norm of the last sequence's accumulated update and of w_down - w_down_pretrained."""
-    from torch.distributed.tensor import DTensor
-
-    out = {}
-    for i, g in ttt_gatings(base).items():
-        w = g.w_down.detach()
-        if isinstance(w, DTensor):
-            w = w.full_tensor()
-        out[f"ttt/layer{i}/w_down_drift"] = (w.float() - g.w_down_pretrained).norm().item()
-        if g.last_update_norm is not None:
-            out[f"ttt/layer{i}/update_norm"] = g.last_update_norm.item()
-            g.last_update_norm = None
-    return out
+    """Per TTT layer: In-Place TTT's ``||w_down - w_down_pretrained||`` (or TTT-MLP's gate) and the norm
+    of the last sequence's accumulated fast-weight update."""
+    return {f"ttt/layer{i}/{k}": v for i, g in ttt_gatings(base).items() for k, v in g.telemetry().items()}
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

@@ -23,12 +23,14 @@ from .checkpoint import (  # noqa: E402
 from .config import TARGET_SOURCES, TTTConfig  # noqa: E402
 from .gating import TTTGating  # noqa: E402
 from .patch import apply_ttt, ttt_gatings, ttt_info  # noqa: E402
+from .ttt_mlp import TTTMLPGating  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
     "TARGET_SOURCES",
     "TTTConfig",
     "TTTGating",
+    "TTTMLPGating",
     "apply_ttt",
     "load_ttt_config",
     "load_ttt_weights",

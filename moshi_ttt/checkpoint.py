@@ -25,10 +25,9 @@ from torch import nn
 
 from .config import TTTConfig
 from .gating import TTTGating
-from .patch import ttt_info
+from .patch import TTT_GATINGS, ttt_info
 
 FORMAT = "moshi_ttt.v1"
-TTT_TENSORS = ("w_down", "target_conv", "target_proj")
 
 
 def _require_ttt(model: nn.Module) -> TTTConfig:
@@ -48,8 +47,8 @@ def ttt_state_dict(
     _require_ttt(model)
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, TTTGating):
-            for t in TTT_TENSORS:
+        if isinstance(module, TTT_GATINGS):
+            for t in module.TTT_PARAMS:
                 key = f"{name}.{t}"
                 out[key] = (state_dict[key] if state_dict is not None else getattr(module, t)).detach()
     return out
@@ -142,15 +141,15 @@ def to_moshi_state_dict(
     ``W^(0)`` (no TTT updates); the TTT file restores the rest.
     """
     out = {}
-    ttt_prefixes = {name + "." for name, m in model.named_modules() if isinstance(m, TTTGating)}
+    gatings = {name + ".": m for name, m in model.named_modules() if isinstance(m, TTT_GATINGS)}
     for k, v in (model.state_dict() if state_dict is None else state_dict).items():
-        prefix = next((p for p in ttt_prefixes if k.startswith(p)), None)
+        prefix = next((p for p in gatings if k.startswith(p)), None)
         if prefix is None:
             out[k] = v
             continue
         rest = k[len(prefix) :]
-        if rest == "w_down":
+        if rest == "w_down" and isinstance(gatings[prefix], TTTGating):
             out[prefix + "linear_out.weight"] = v
-        elif rest.startswith("linear_in."):
+        elif rest.startswith(gatings[prefix].SLOW_PARAMS):
             out[k] = v
     return out

@@ -69,6 +69,8 @@ class TTTGating(StreamingModule[_TTTState]):
     """Gated MLP with an In-Place TTT output projection. Build it with :meth:`from_gating`."""
 
     _fsdp_final = True
+    TTT_PARAMS = ("w_down", "target_conv", "target_proj")  # what a TTT weights file holds
+    SLOW_PARAMS = ("linear_in.",)  # the layer's slow weights (W_gate, W_up)
 
     def __init__(
         self,
@@ -124,6 +126,17 @@ class TTTGating(StreamingModule[_TTTState]):
                 w = state_dict.pop(key)
                 state_dict.setdefault(prefix + "w_down", w)
                 state_dict.setdefault(prefix + "w_down_pretrained", w.to(torch.float32))
+
+    def telemetry(self) -> dict[str, float]:
+        """Training telemetry: ``||w_down - w_down_pretrained||`` and the last sequence's update norm."""
+        w = self.w_down.detach()
+        if hasattr(w, "full_tensor"):  # sharded (FSDP2): a collective, every rank calls it
+            w = w.full_tensor()
+        out = {"w_down_drift": (w.float() - self.w_down_pretrained).norm().item()}
+        if self.last_update_norm is not None:
+            out["update_norm"] = self.last_update_norm.item()
+            self.last_update_norm = None
+        return out
 
     def extra_repr(self) -> str:
         c = self.config

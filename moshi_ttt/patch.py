@@ -25,6 +25,9 @@ from torch import nn
 
 from .config import TTTConfig
 from .gating import TTTGating
+from .ttt_mlp import TTTMLPGating
+
+TTT_GATINGS = (TTTGating, TTTMLPGating)
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ def _ttt_layer_class(cls: type) -> type:
 
     def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
         gating = self.gating
-        if not isinstance(gating, TTTGating):
+        if not isinstance(gating, TTT_GATINGS):
             return cls._ff_block(self, x)
         x_orig = x
         x = self.norm2(x)
@@ -86,11 +89,11 @@ def ttt_info(model: nn.Module) -> TTTModelInfo | None:
     return getattr(model, _ATTR, None)
 
 
-def ttt_gatings(model: nn.Module) -> dict[int, TTTGating]:
-    """``{layer index: TTTGating}`` of a patched model."""
+def ttt_gatings(model: nn.Module) -> dict[int, TTTGating | TTTMLPGating]:
+    """``{layer index: TTT gating}`` of a patched model."""
     out = {}
     for i, layer in enumerate(model.transformer.layers):
-        if isinstance(layer.gating, TTTGating):
+        if isinstance(layer.gating, TTT_GATINGS):
             out[i] = layer.gating
     return out
 
@@ -129,11 +132,12 @@ def apply_ttt(lm_model: nn.Module, config: TTTConfig) -> nn.Module:
             )
     for layer in layers:
         layer.__class__ = _ttt_layer_class(type(layer))
+    gating_cls = TTTMLPGating if config.variant == "mlp" else TTTGating
     for i in selected:
-        layers[i].gating = TTTGating.from_gating(layers[i].gating, config)
+        layers[i].gating = gating_cls.from_gating(layers[i].gating, config)
 
     info = TTTModelInfo(config=config, layers=selected)
-    source = config.target_source
+    source = config.target_source if config.variant == "inplace" else "hidden"
     if source == "text_emb":
 
         def capture(_module, _inputs, output):

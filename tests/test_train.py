@@ -455,3 +455,17 @@ def test_a_run_directory_in_use_is_refused(tmp_path):
     finally:
         held.close()
     train(tiny_cfg(run, max_steps=1))  # free again
+
+
+def test_ttt_mlp_variant_trains_resumes_and_exports(tmp_path):
+    over = {"ttt.variant": "mlp", "ttt.mlp_heads": 2, "finetune": "ttt_only"}
+    train(tiny_cfg(tmp_path / "m", **over))
+    keys = _trainable_groups(tmp_path / "m")
+    from moshi_ttt import TTTMLPGating
+
+    assert keys == {f"transformer.layers.1.gating.{n}" for n in TTTMLPGating.TTT_PARAMS}
+    recs = [json.loads(x) for x in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    tr = [r for r in recs if r["kind"] == "train"][-1]
+    assert tr["ttt/layer1/gate"] != 0.0 and "ttt/layer1/update_norm" in tr  # the gate moved off 0
+    with pytest.raises(ConfigError, match="ttt.variant"):
+        train(tiny_cfg(tmp_path / "m", **{**over, "ttt.variant": "inplace"}))
