@@ -10,6 +10,13 @@ A sweep file::
       ttt.eta: [0.001, 0.01, 0.1, 1.0, 10.0]
     metrics: [eval_recall_acc_far, eval_recall_acc_near, eval_loss]
 
+``grid`` may also be a list of such mappings: the runs are then the union of their products, for
+settings that only make sense together (a key that one variant ignores need not multiply its runs)::
+
+    grid:
+      - {ttt.variant: [inplace], ttt.eta: [0.01, 0.1], ttt.target_source: [text_emb, hidden]}
+      - {ttt.variant: [mlp], ttt.eta: [0.01, 0.1]}
+
 Runs are named from their grid values (``chunk_size=8,eta=0.001``), so the same grid always maps to
 the same directories: a finished run (a checkpoint at its ``max_steps``) is skipped, an interrupted
 one resumes from its newest checkpoint (the trainer's ``resume: auto``).
@@ -48,7 +55,7 @@ class Run:
 class Sweep:
     base: Path
     out_dir: Path
-    grid: dict[str, list[Any]]
+    grid: dict[str, list[Any]] | list[dict[str, list[Any]]]
     overrides: dict[str, Any] = field(default_factory=dict)
     metrics: list[str] = field(default_factory=lambda: ["eval_loss"])
 
@@ -61,11 +68,16 @@ class Sweep:
             raise ConfigError(
                 f"{path}: unknown sweep keys {unknown}; allowed: base, out_dir, grid, overrides, metrics"
             )
-        if not isinstance(data.get("grid"), dict) or not data["grid"]:
-            raise ConfigError(f"{path}: 'grid' must map dotted config keys to lists of values")
-        for k, v in data["grid"].items():
-            if not isinstance(v, list) or not v:
-                raise ConfigError(f"{path}: grid.{k} must be a non-empty list of values")
+        grid = data.get("grid")
+        grids = grid if isinstance(grid, list) else [grid]
+        if not grids or not all(isinstance(g, dict) and g for g in grids):
+            raise ConfigError(
+                f"{path}: 'grid' must map dotted config keys to lists of values (or be a list of such maps)"
+            )
+        for g in grids:
+            for k, v in g.items():
+                if not isinstance(v, list) or not v:
+                    raise ConfigError(f"{path}: grid.{k} must be a non-empty list of values")
         base = Path(data.get("base", ""))
         if not base.is_file() and (path.parent / base).is_file():
             base = path.parent / base
@@ -78,19 +90,34 @@ class Sweep:
             overrides=data.get("overrides") or {},
             metrics=data.get("metrics") or ["eval_loss"],
         )
-        for run in sweep.runs():  # every run's config must be valid before anything starts
+        runs = sweep.runs()
+        dup = sorted({r.name for r in runs if sum(x.name == r.name for x in runs) > 1})
+        if dup:
+            raise ConfigError(f"{path}: the grids produce the same run more than once: {', '.join(dup)}")
+        for run in runs:  # every run's config must be valid before anything starts
             load_config(sweep.base, run.overrides)
         return sweep
 
+    @property
+    def grids(self) -> list[dict[str, list[Any]]]:
+        return self.grid if isinstance(self.grid, list) else [self.grid]
+
+    @property
+    def keys(self) -> list[str]:
+        """Every grid key, in order of first appearance."""
+        return list(dict.fromkeys(k for g in self.grids for k in g))
+
     def runs(self) -> list[Run]:
-        keys = list(self.grid)
-        short = _short_names(keys)
+        short = _short_names(self.keys)
         out = []
-        for values in itertools.product(*(self.grid[k] for k in keys)):
-            params = dict(zip(keys, values))
-            name = ",".join(f"{short[k]}={_fmt(v)}" for k, v in params.items())
-            run_dir = self.out_dir / _safe(name)
-            out.append(Run(name, params, {**self.overrides, **params, "run_dir": str(run_dir)}, run_dir))
+        for grid in self.grids:
+            keys = list(grid)
+            for values in itertools.product(*(grid[k] for k in keys)):
+                params = dict(zip(keys, values))
+                name = ",".join(f"{short[k]}={_fmt(v)}" for k, v in params.items())
+                run_dir = self.out_dir / _safe(name)
+                overrides = {**self.overrides, **params, "run_dir": str(run_dir)}
+                out.append(Run(name, params, overrides, run_dir))
         return out
 
     def status(self, run: Run) -> str:
@@ -130,7 +157,9 @@ class Sweep:
         """One row per run: its grid values, status and the last value of each metric."""
         rows = []
         for run in self.runs():
-            row: dict[str, Any] = {"run": run.name, **run.params, "status": self.status(run)}
+            row: dict[str, Any] = {"run": run.name}
+            row.update({k: run.params.get(k) for k in self.keys})
+            row["status"] = self.status(run)
             last = last_metrics(run.run_dir)
             for m in self.metrics:
                 row[m] = last.get(m)
@@ -154,7 +183,12 @@ class Sweep:
 
     def plot(self, rows: list[dict[str, Any]]) -> Path | None:
         """The first metric against the first numeric grid key, one line per other setting."""
-        numeric = [k for k in self.grid if all(isinstance(v, (int, float)) for v in self.grid[k])]
+        values = {k: [v for g in self.grids for v in g.get(k, [])] for k in self.keys}
+        numeric = [
+            k
+            for k in self.keys
+            if all(k in g for g in self.grids) and all(isinstance(v, (int, float)) for v in values[k])
+        ]
         if not rows or not numeric:
             return None
         import matplotlib
@@ -164,18 +198,19 @@ class Sweep:
 
         x_key = "ttt.eta" if "ttt.eta" in numeric else numeric[0]
         metric = self.metrics[0]
-        others = [k for k in self.grid if k != x_key]
+        others = [k for k in self.keys if k != x_key]
         fig, ax = plt.subplots(figsize=(7, 4.5))
         groups: dict[tuple, list[tuple[float, float]]] = {}
         for r in rows:
             if r.get(metric) is None:
                 continue
-            groups.setdefault(tuple(r[k] for k in others), []).append((r[x_key], r[metric]))
+            groups.setdefault(tuple(r.get(k) for k in others), []).append((r[x_key], r[metric]))
         for key, pts in sorted(groups.items(), key=lambda kv: str(kv[0])):
             pts.sort()
-            label = ", ".join(f"{_short_names(others)[k]}={v}" for k, v in zip(others, key)) or metric
+            short = _short_names(others)
+            label = ", ".join(f"{short[k]}={v}" for k, v in zip(others, key) if v is not None) or metric
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        if x_key == "ttt.eta" or all(v > 0 for v in self.grid[x_key]):
+        if x_key == "ttt.eta" or all(v > 0 for v in values[x_key]):
             ax.set_xscale("log")
         ax.set_xlabel(x_key)
         ax.set_ylabel(metric)
@@ -191,7 +226,12 @@ class Sweep:
 
     def wandb_sweep(self) -> dict[str, Any]:
         """A wandb sweep definition (grid) that launches train.py with the same overrides."""
-        params = {k: {"values": v} for k, v in self.grid.items()}
+        if len(self.grids) > 1:
+            raise ConfigError(
+                "a wandb grid sweep is a single product of values; this file lists "
+                f"{len(self.grids)} grids: export each as its own sweep file"
+            )
+        params = {k: {"values": v} for k, v in self.grids[0].items()}
         params.update({k: {"value": v} for k, v in self.overrides.items()})
         return {
             "program": "train.py",

@@ -52,8 +52,11 @@ def main() -> None:
     args = p.parse_args()
     base_cfg = load_config(args.config)
     rows = []
-    for label, over in (("no TTT", {"enabled": False}), ("In-Place TTT", {"variant": "inplace"}),
-                        ("TTT-MLP", {"variant": "mlp"})):
+    for label, over in (
+        ("no TTT", {"enabled": False}),
+        ("In-Place TTT", {"variant": "inplace"}),
+        ("TTT-MLP", {"variant": "mlp"}),
+    ):
         cfg = copy.deepcopy(base_cfg)
         for k, v in over.items():
             setattr(cfg.ttt, k, v)
@@ -71,8 +74,10 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         rows.append((label, n_params, statistics.median(times), saved))
     b = rows[0]
-    print(f"{args.config}: batch {base_cfg.batch_size} x {base_cfg.data.num_frames} steps, TTT layers "
-          f"{base_cfg.ttt.layers}, chunk {base_cfg.ttt.chunk_size}; fwd+bwd, {torch.get_num_threads()} threads")
+    print(
+        f"{args.config}: batch {base_cfg.batch_size} x {base_cfg.data.num_frames} steps, TTT layers "
+        f"{base_cfg.ttt.layers}, chunk {base_cfg.ttt.chunk_size}; fwd+bwd, {torch.get_num_threads()} threads"
+    )
     print(f"{'model':<14} {'trainable':>10} {'step ms':>9} {'x base':>7} {'saved MB':>9} {'x base':>7}")
     for label, n, t, m in rows:
         print(f"{label:<14} {n:>10,} {t * 1e3:>9.1f} {t / b[2]:>7.2f} {m / 2**20:>9.1f} {m / b[3]:>7.2f}")

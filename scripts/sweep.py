@@ -51,7 +51,12 @@ def main() -> int:
         return 2
     runs = sweep.runs()
     if args.wandb_sweep:
-        args.wandb_sweep.write_text(yaml.safe_dump(sweep.wandb_sweep(), sort_keys=False))
+        try:
+            definition = sweep.wandb_sweep()
+        except ConfigError as e:
+            print(f"sweep error: {e}", file=sys.stderr)
+            return 2
+        args.wandb_sweep.write_text(yaml.safe_dump(definition, sort_keys=False))
         print(f"wrote {args.wandb_sweep}: `wandb sweep {args.wandb_sweep}` then `wandb agent <id>`")
         return 0
     if args.dry_run or args.print_commands:

@@ -76,7 +76,7 @@ def _sweep_file(tmp_path, grid=None, **extra):
         **extra,
     }
     path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
@@ -166,6 +166,34 @@ def test_sweep_skips_finished_resumes_interrupted_and_collects(tmp_path):
     assert "| chunk_size=8,eta=0.001,target_source=text_emb |" in (sweep.out_dir / "results.md").read_text()
     wb = sweep.wandb_sweep()
     assert wb["method"] == "grid" and wb["parameters"]["ttt.eta"] == {"values": [0.001, 1.0]}
+
+
+def test_a_list_of_grids_runs_their_union_and_collects_one_table(tmp_path):
+    grid = [
+        {"ttt.variant": ["inplace"], "ttt.eta": [0.001, 1.0], "ttt.target_source": ["text_emb", "hidden"]},
+        {"ttt.variant": ["mlp"], "ttt.eta": [0.001, 1.0]},
+    ]
+    sweep = Sweep.load(_sweep_file(tmp_path, grid=grid))
+    names = [r.name for r in sweep.runs()]
+    assert len(names) == 6 and names[-1] == "variant=mlp,eta=1"
+    assert "variant=inplace,eta=0.001,target_source=hidden" in names
+    assert sweep.runs()[-1].overrides["ttt.variant"] == "mlp"
+    assert "ttt.target_source" not in sweep.runs()[-1].overrides
+    runner = fake_trainer(sweep, [], set())
+    sweep.run_all(runner, log=lambda s: None)
+    sweep.run_all(runner, log=lambda s: None)  # the interrupted ones resume
+    rows = sweep.collect()
+    assert [r["status"] for r in rows] == ["done"] * 6
+    assert rows[-1]["ttt.target_source"] is None and rows[-1]["ttt.variant"] == "mlp"
+    paths = sweep.write_results(rows)
+    assert [p.name for p in paths] == ["results.csv", "results.md", "results.png"]
+    assert "| variant=mlp,eta=1 | mlp | 1 | - | done |" in (sweep.out_dir / "results.md").read_text()
+    with pytest.raises(ValueError, match="single product"):
+        sweep.wandb_sweep()
+    with pytest.raises(ValueError, match="more than once: eta=1"):
+        Sweep.load(_sweep_file(tmp_path, grid=[{"ttt.eta": [1.0]}, {"ttt.eta": [1.0, 0.1]}]))
+    with pytest.raises(ValueError, match="list of such maps"):
+        Sweep.load(_sweep_file(tmp_path, grid=[{"ttt.eta": [1.0]}, []]))
 
 
 def test_last_metrics_survives_a_cut_line(tmp_path):
