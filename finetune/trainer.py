@@ -261,6 +261,8 @@ def ttt_telemetry(base) -> dict[str, float]:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Fine-tune per ``cfg``; returns a summary (final step, last losses, run directory)."""
     dist_info = D.init_distributed(cfg.device, cfg.distributed.backend)
+    if dist_info.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
     setup_logging(dist_info.is_main)
     try:
         return _train(cfg, dist_info)

@@ -13,8 +13,10 @@
   the target path learns (two zero factors would form a saddle with no gradient).
 
 Training (no streaming state) runs :func:`moshi_ttt.ops.ttt_chunked` over the whole sequence.
-Streaming keeps one float32 fast weight per batch element in ``_TTTState``: each step is computed
-with the weight of its chunk's start, ``z`` and the source are buffered, and when a chunk completes
+Streaming keeps one float32 accumulated update ``delta = W^(i-1) - W^(0)`` per batch element in
+``_TTTState``: each step is computed with the weight of its chunk's start, as ``z W^(0)T`` (the
+base term, in the dtype training uses for it) plus ``z delta^T`` (float32); ``z`` and the source are
+buffered, and when a chunk completes
 its target is computed over the whole chunk (the conv needs the chunk's later tokens) and the update
 is applied. Streaming therefore equals the full-sequence forward.
 """
@@ -31,23 +33,22 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import TTTConfig
-from .ops import ttt_chunked
+from .ops import _base_dtype, ttt_chunked
 
 
 @dataclass
 class _TTTState(State):
     """Per-batch-element fast-weight state of one TTT gating while streaming."""
 
-    w: torch.Tensor  # [B, d, h] float32: fast weight of the current chunk, W^(i-1)
-    w0: torch.Tensor  # [d, h]: the initial weight W^(0) (a view of the parameter) resets go back to
+    delta: torch.Tensor  # [B, d, h] float32: the accumulated update, W^(i-1) - W^(0)
+    w0: torch.Tensor  # [d, h]: the initial weight W^(0) (a view of the parameter)
     buf_z: torch.Tensor  # [B, C, h] float32: activations of the current chunk so far
     buf_src: torch.Tensor  # [B, C, d_src]: target source of the current chunk so far
     pos: torch.Tensor  # [B] int64 on CPU: tokens of the current chunk seen so far
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
-        mask = reset_mask.to(self.w.device)
-        self.w[mask] = self.w0.to(self.w.dtype)
+        self.delta[reset_mask.to(self.delta.device)] = 0.0
         self.pos[reset_mask.cpu()] = 0
 
 
@@ -220,7 +221,7 @@ class TTTGating(StreamingModule[_TTTState]):
         return _TTTState(
             batch_size,
             dev,
-            w=w0.to(torch.float32).expand(batch_size, self.dim, self.hidden).clone(),
+            delta=torch.zeros(batch_size, self.dim, self.hidden, device=dev, dtype=torch.float32),
             w0=w0,
             buf_z=torch.zeros(batch_size, C, self.hidden, device=dev, dtype=torch.float32),
             buf_src=torch.zeros(batch_size, C, self.dim, device=dev, dtype=w0.dtype),
@@ -239,6 +240,7 @@ class TTTGating(StreamingModule[_TTTState]):
             raise ValueError(f"streaming batch size is {state.batch_size}, got an input of batch {B}")
         C, eta = self.config.chunk_size, self.config.eta
         zf = z.to(torch.float32)
+        bdt = _base_dtype(z, torch.float32)
         src = src.to(state.buf_src.dtype)
         active = state.exec_mask.cpu()
         pos = state.pos
@@ -249,7 +251,11 @@ class TTTGating(StreamingModule[_TTTState]):
             if active.any():
                 L = min(L, int((C - pos[active]).min()))
             zs, ss = zf[:, t : t + L], src[:, t : t + L]
-            outs.append(torch.bmm(zs, state.w.transpose(1, 2)))  # [B, L, d] with the chunk-start weight
+            # [B, L, d] with the chunk-start weight W^(0) + delta; the base term as in training (ops).
+            zb = z[:, t : t + L].to(bdt)
+            outs.append(
+                torch.baddbmm(F.linear(zb, state.w0.to(bdt)).float(), zs, state.delta.transpose(1, 2))
+            )
             if active.all() and bool((pos == pos[0]).all()):
                 p = int(pos[0])
                 state.buf_z[:, p : p + L] = zs
@@ -267,12 +273,12 @@ class TTTGating(StreamingModule[_TTTState]):
                 # W^(i) = W^(i-1) + eta V[i]^T Z[i], in place (no [B, d, h] temporaries).
                 if bool(done.all()):
                     v = self.target(state.buf_src).to(torch.float32)  # [B, C, d] over the whole chunk
-                    state.w.baddbmm_(v.transpose(1, 2), state.buf_z, alpha=eta)
+                    state.delta.baddbmm_(v.transpose(1, 2), state.buf_z, alpha=eta)
                 else:
                     idx = done.nonzero().flatten().tolist()
                     v = self.target(state.buf_src[idx]).to(torch.float32)  # [k, C, d]
                     for j, b in enumerate(idx):
-                        state.w[b].addmm_(v[j].t(), state.buf_z[b], alpha=eta)
+                        state.delta[b].addmm_(v[j].t(), state.buf_z[b], alpha=eta)
                 pos[done] = 0
             t += L
         return torch.cat(outs, dim=1)

@@ -29,7 +29,12 @@ backward recomputes the states in a forward sweep and accumulates the suffix gra
 sweep, so its memory stays at two ``[B, d, h]`` buffers whatever the length.
 
 All fast-weight math runs in float32 (float64 if any input is float64); ``out`` comes back in
-``z``'s dtype and ``w_final`` in the compute dtype.
+``z``'s dtype and ``w_final`` in the compute dtype. The one exception is the base term ``Z W0^T``,
+which is exactly Moshi's own ``linear_out`` and is computed the way that layer would be: in ``z``'s
+dtype when ``z`` is bf16 or fp16 (bf16 autocast, or a bf16 model), in the compute dtype otherwise.
+So a TTT layer whose update is zero reproduces the base model bit for bit in bf16 too, and the
+``[T, h] x [h, d]`` product, the largest of the layer, runs on the GPU's low-precision units;
+everything that touches the update (``eta``, ``Z Z^T``, ``V``, states, ``w_final``) stays float32.
 """
 
 from __future__ import annotations
@@ -127,6 +132,11 @@ def _base(z: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
     return torch.bmm(z, w0.transpose(1, 2))
 
 
+def _base_dtype(z: torch.Tensor, cdt: torch.dtype) -> torch.dtype:
+    """The dtype of the base term ``Z W0^T``: Moshi's ``linear_out`` would run in ``z``'s."""
+    return z.dtype if z.dtype in (torch.bfloat16, torch.float16) else cdt
+
+
 def _no_autocast(device: torch.device):
     """Fast-weight math stays float32 under bf16 autocast too (the function casts explicitly)."""
     if device.type in ("cuda", "cpu"):
@@ -142,7 +152,8 @@ class _TTTChunkedFn(torch.autograd.Function):
         cdt = _compute_dtype(z, v, w0)
         zf, vf, wf = z.to(cdt), v.to(cdt), w0.to(cdt)
         tile = _tile_size(chunk_size)
-        out = _base(zf, wf)  # [B, T, d]
+        bdt = _base_dtype(z, cdt)
+        out = _base(z.to(bdt), w0.to(bdt)).to(cdt)  # [B, T, d]
         S = zf.new_zeros(B, d, h) if form == "scan" else None
         scores = []  # dual form: score tiles Z_r Z_<r^T, reused in backward
         for a in range(0, T, tile):
@@ -189,12 +200,15 @@ class _TTTChunkedFn(torch.autograd.Function):
         zf, vf, wf = z.to(cdt), v.to(cdt), w0.to(cdt)
         g = g_out.to(cdt)
         tile = _tile_size(chunk_size)
-        # Base term O = Z W0^T.
-        dz = _base(g, wf.transpose(-1, -2))  # [B, T, h]
-        if wf.dim() == 2:
-            dw = g.reshape(-1, d).t() @ zf.reshape(-1, h)  # [d, h]
+        # Base term O = Z W0^T, in the dtype the forward used for it.
+        bdt = _base_dtype(z, cdt)
+        gb, zb = g_out.to(bdt), z.to(bdt)
+        dz = _base(gb, w0.to(bdt).transpose(-1, -2)).to(cdt)  # [B, T, h]
+        if w0.dim() == 2:
+            dw = (gb.reshape(-1, d).t() @ zb.reshape(-1, h)).to(cdt)  # [d, h]
         else:
-            dw = torch.bmm(g.transpose(1, 2), zf)  # [B, d, h]
+            dw = torch.bmm(gb.transpose(1, 2), zb).to(cdt)  # [B, d, h]
+        del gb, zb
         dv = torch.zeros_like(vf)
         gF = None
         if g_final is not None:

@@ -3,6 +3,7 @@
 
     python scripts/bench_streaming.py                  # tiny model, then a layer-realistic one
     python scripts/bench_streaming.py --only tiny --steps 300
+    python scripts/bench_streaming.py --device cuda --dtype bf16 --only layer --only moshi7b
 
 For each model: the plain model streams ``--steps`` frames through ``LMGen.step`` (random user
 codes, greedy), then the same weights with TTT layers (``apply_ttt``, random target path so updates
@@ -14,7 +15,14 @@ Models (random weights, fp32, CPU):
 - ``tiny``: configs/tiny.yaml's model (d=128, 4 layers, TTT on 1 and 3, chunk 16);
 - ``layer``: Moshi-7B's real layer shape (d=4096, h=11264, 32 heads, text vocabulary 32000) with 2
   transformer layers, TTT on layer 0 (half the layers, against 6 of 32 in the real configs), chunk 64
-  so the run crosses several chunk ends.
+  so the run crosses several chunk ends;
+- ``moshi7b``: the whole Moshi-7B architecture (32 layers, depformer 6 x 1024, 17 codebooks), TTT on
+  layers 0, 6, ..., 30 as in ``configs/moshi7b_*.yaml``, chunk 64; about 7.7 B parameters, so for a
+  GPU (``--device cuda --dtype bf16``, 16 GB).
+
+On CUDA, frames are timed after a synchronisation, and the plain model is also streamed with moshi's
+CUDA graphs (its default on GPU); TTT layers stream without them (``finetune.inference`` turns them
+off: a chunk-end update every ``chunk_size`` frames is not something a captured graph replays).
 """
 
 from __future__ import annotations
@@ -25,10 +33,12 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 import argparse  # noqa: E402
 import time  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from moshi.models import LMGen, LMModel  # noqa: E402
+from moshi.models import LMGen, LMModel, loaders  # noqa: E402
+from moshi.utils.compile import no_cuda_graph  # noqa: E402
 
 from moshi_ttt import TTTConfig, apply_ttt, ttt_gatings  # noqa: E402
 from moshi_ttt.tiny import tiny_lm_kwargs  # noqa: E402
@@ -53,19 +63,28 @@ MODELS = {
         ),
         ttt=dict(layers=[0], chunk_size=64, eta=0.01),
     ),
+    "moshi7b": dict(
+        kwargs="moshi",  # moshi.models.loaders._lm_kwargs: Moshi-7B's own architecture
+        ttt=dict(start_layer=0, layer_frequency=6, chunk_size=64, eta=0.01),
+    ),
 }
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def stream(model, steps: int, warmup: int, seed: int = 0) -> np.ndarray:
+def stream(model, steps: int, warmup: int, seed: int = 0, cuda_graph: bool = False) -> np.ndarray:
+    device = next(model.parameters()).device
     gen = LMGen(model, use_sampling=False)
     n_user = model.n_q - model.dep_q
     g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, model.card, (steps + warmup, 1, n_user, 1), generator=g)
+    codes = torch.randint(0, model.card, (steps + warmup, 1, n_user, 1), generator=g).to(device)
     times = []
-    with torch.no_grad(), gen.streaming(1):
+    graphs = nullcontext() if cuda_graph else no_cuda_graph()
+    with torch.no_grad(), graphs, gen.streaming(1):
         for i in range(steps + warmup):
             t0 = time.perf_counter()
             gen.step(codes[i])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             times.append((time.perf_counter() - t0) * 1e3)
     return np.array(times[warmup:])
 
@@ -82,16 +101,23 @@ def main() -> None:
     p.add_argument("--only", choices=sorted(MODELS), action="append")
     p.add_argument("--steps", type=int, default=None, help="frames per run (default: 400 tiny, 200 layer)")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     args = p.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} threads"
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch 1, greedy; ms per 80 ms frame"
+        f"torch {torch.__version__}, {device.type} ({where}), {args.dtype}, batch 1, greedy; ms per 80 ms frame"
     )
-    for name in args.only or list(MODELS):
+    for name in args.only or ["tiny", "layer"]:
         spec = MODELS[name]
         steps = args.steps or (400 if name == "tiny" else 200)
         torch.manual_seed(0)
-        model = LMModel(device="cpu", dtype=torch.float32, **tiny_lm_kwargs(**spec["kwargs"])).eval()
+        kwargs = dict(loaders._lm_kwargs) if spec["kwargs"] == "moshi" else tiny_lm_kwargs(**spec["kwargs"])
+        model = LMModel(device=device, dtype=DTYPES[args.dtype], **kwargs).eval()
         n_params = sum(p.numel() for p in model.parameters())
+        graphed = stream(model, steps, args.warmup, cuda_graph=True) if cuda else None
         plain = stream(model, steps, args.warmup)
         apply_ttt(model, TTTConfig(**spec["ttt"]))
         with torch.no_grad():
@@ -99,11 +125,15 @@ def main() -> None:
                 g.target_conv.normal_(std=0.1)
         ttt = stream(model, steps, args.warmup)
         print(f"\n{name}: {n_params / 1e6:.1f} M parameters, {steps} frames, TTT {spec['ttt']}")
+        if graphed is not None:
+            print(f"  plain, CUDA graphs {fmt(graphed)}")
         print(f"  plain {fmt(plain)}")
         print(f"  TTT   {fmt(ttt)}")
         print(
             f"  TTT / plain: mean {ttt.mean() / plain.mean():.3f}x, p50 {np.median(ttt) / np.median(plain):.3f}x"
         )
+        if graphed is not None:
+            print(f"  TTT / plain with CUDA graphs: mean {ttt.mean() / graphed.mean():.3f}x")
         del model
 
 

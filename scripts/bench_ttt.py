@@ -14,6 +14,10 @@ parameters excluded). Timings are medians; these machines are shared, so read ra
 
     python scripts/bench_ttt.py                 # the default grid (d=1024, h=2816, B=1, fp32)
     python scripts/bench_ttt.py --T 768 --C 128 --reps 5
+    python scripts/bench_ttt.py --device cuda --amp bf16 --d 4096 --h 11264 --T 3000 --C 128 512
+
+On CUDA, ``--amp bf16`` runs the forward under bf16 autocast with float32 weights (how training runs),
+and a column gives the peak CUDA memory of forward+backward above the inputs and weights.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import argparse  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
+from contextlib import contextmanager, nullcontext  # noqa: E402
 
 import torch  # noqa: E402
 from moshi.modules.gating import ActivationGating  # noqa: E402
@@ -72,6 +76,7 @@ def count_saved(params):
 
 
 def make_modules(d, h, C, eta, device="cpu", form="auto"):
+    device = str(device)
     plain = ActivationGating(d, int(1.5 * h), F.silu, device=device)  # hidden = 2/3 * dim_ff = h
     assert plain.linear_out.weight.shape == (d, h), plain.linear_out.weight.shape
     if device != "meta":
@@ -85,14 +90,15 @@ def make_modules(d, h, C, eta, device="cpu", form="auto"):
     return plain, ttt
 
 
-def run_once(module, x, op=None):
+def run_once(module, x, op=None, amp=None):
     """One forward+backward; returns saved bytes."""
     params = list(module.parameters())
     if op is not None:
         orig = gating_mod.ttt_chunked
         gating_mod.ttt_chunked = op
     try:
-        with count_saved(params) as box:
+        autocast = torch.autocast(x.device.type, dtype=amp) if amp is not None else nullcontext()
+        with count_saved(params) as box, autocast:
             y = module(x)
     finally:
         if op is not None:
@@ -102,15 +108,28 @@ def run_once(module, x, op=None):
     return box["bytes"]
 
 
-def timed(module, x, reps, op=None):
-    run_once(module, x, op)  # warm-up
-    times = []
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(module, x, reps, op=None, amp=None):
+    """Median seconds of forward+backward, saved bytes, and (CUDA) peak bytes above the start."""
+    run_once(module, x, op, amp)  # warm-up
+    times, peak = [], 0
     for _ in range(reps):
         module.zero_grad(set_to_none=True)
+        sync(x.device)
+        if x.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(x.device)
+            start = torch.cuda.memory_allocated(x.device)
         t0 = time.perf_counter()
-        saved = run_once(module, x, op)
+        saved = run_once(module, x, op, amp)
+        sync(x.device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), saved
+        if x.device.type == "cuda":
+            peak = max(peak, torch.cuda.max_memory_allocated(x.device) - start)
+    return statistics.median(times), saved, peak
 
 
 def main() -> None:
@@ -123,34 +142,54 @@ def main() -> None:
     p.add_argument("--eta", type=float, default=1e-3)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--no-forms", action="store_true", help="skip the forced dual / scan rows")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--amp", choices=["bf16"], default=None, help="bf16 autocast (float32 weights)")
+    p.add_argument("--no-chunk-w", action="store_true", help="skip the per-chunk-weight form")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls (CUDA)")
     args = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    device = torch.device(args.device)
+    amp = torch.bfloat16 if args.amp == "bf16" else None
     torch.manual_seed(0)
-    print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32, d={args.d}, h={args.h}, B={args.B}"
+    where = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"threads {torch.get_num_threads()}"
     )
+    print(
+        f"torch {torch.__version__}, {device.type} ({where}), {args.amp or 'fp32'}{', tf32' * args.tf32}, "
+        f"d={args.d}, h={args.h}, B={args.B}"
+    )
+    cuda = device.type == "cuda"
     header = (
         f"{'T':>5} {'C':>4} {'form':>5} | {'plain ms':>8} {'ttt ms':>8} {'chunk-W ms':>10} | "
         f"{'ttt/plain t':>11} {'chunk-W/ttt t':>13} | {'plain MB':>8} {'ttt MB':>7} {'chunk-W MB':>10} "
         f"{'ttt/plain mem':>13}"
+        + (f" | {'peak plain':>10} {'peak ttt':>8} {'peak chunk-W':>12}" if cuda else "")
     )
     print(header)
     print("-" * len(header))
     for T in args.T:
         for C in args.C:
-            plain, ttt = make_modules(args.d, args.h, C, args.eta)
-            x = torch.randn(args.B, T, args.d)
-            tp, mp = timed(plain, x, args.reps)
-            tn, mn = timed(ttt, x, max(2, args.reps // 2), op=ttt_per_chunk_weights)
+            plain, ttt = make_modules(args.d, args.h, C, args.eta, device=device)
+            x = torch.randn(args.B, T, args.d, device=device)
+            tp, mp, pp = timed(plain, x, args.reps, amp=amp)
+            nan = float("nan")
+            tn, mn, pn = (
+                (nan, nan, nan)
+                if args.no_chunk_w
+                else timed(ttt, x, max(2, args.reps // 2), op=ttt_per_chunk_weights, amp=amp)
+            )
             forms = ["auto"] if args.no_forms else ["auto", "dual", "scan"]
             for form in forms:
                 ttt.config.fast_form = form
-                tt, mt = timed(ttt, x, args.reps)
+                tt, mt, pt = timed(ttt, x, args.reps, amp=amp)
                 shown = form if form != "auto" else "auto:" + choose_form(T, args.d, args.h)[0]
                 print(
                     f"{T:>5} {C:>4} {shown:>5} | {tp * 1e3:8.1f} {tt * 1e3:8.1f} {tn * 1e3:10.1f} | "
                     f"{tt / tp:11.2f} {tn / tt:13.2f} | {mp / 2**20:8.1f} {mt / 2**20:7.1f} {mn / 2**20:10.1f} "
                     f"{mt / mp:13.2f}"
+                    + (f" | {pp / 2**20:10.1f} {pt / 2**20:8.1f} {pn / 2**20:12.1f}" if cuda else "")
                 )
+            del plain, ttt, x
     # Moshi-7B's real MLP shape, on the meta device: no memory is allocated, no time is measured.
     d, h, T = 4096, 11264, 3000
     print(f"\nMoshi-7B layer shape on meta (d={d}, h={h}, T={T}, B=1), activation bytes saved for backward:")

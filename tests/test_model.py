@@ -40,6 +40,22 @@ def test_equals_base_model_at_init_bit_for_bit(source):
     assert not torch.allclose(a[0], c[0]) and not torch.allclose(a[1], c[1])
 
 
+@pytest.mark.parametrize("setting", ["bf16 model", "bf16 autocast"])
+def test_equals_base_model_at_init_bit_for_bit_in_bf16(setting):
+    dtype = torch.bfloat16 if setting == "bf16 model" else torch.float32
+    base = build_tiny_lm(seed=0, context=16, dtype=dtype)
+    model = apply_ttt(copy.deepcopy(base), TTTConfig(chunk_size=C, eta=0.05, layers=[0, 2]))
+    codes = random_codes(base, 2, 45)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=setting == "bf16 autocast"):
+        a, b = base.forward_text(codes)[1], model.forward_text(codes)[1]
+        assert torch.equal(a, b)
+        if setting == "bf16 model":  # streaming too: the fast weight starts as exactly W^(0)
+            with base.streaming(2), model.streaming(2):
+                for t in range(12):
+                    step = codes[:, :, t : t + 1]
+                    assert torch.equal(base.forward_text(step)[1], model.forward_text(step)[1])
+
+
 def test_target_path_and_eta_both_matter():
     base, model = make()
     randomize_ttt(model)
@@ -110,10 +126,11 @@ def test_streaming_updates_once_per_completed_chunk():
     gating = ttt_gatings(model)[0]
     seq = random_codes(model, 2, 20)
     with torch.no_grad(), model.streaming(2):
-        w_start = gating._streaming_state.w.clone()
+        w_start = gating._streaming_state.delta.clone()
+        assert not w_start.any()
         for t in range(20):
             model.forward_text(seq[:, :, t : t + 1])
-            w = gating._streaming_state.w
+            w = gating._streaming_state.delta
             if (t + 1) % C:
                 assert torch.equal(w, w_start), f"weights moved inside a chunk at t={t}"
             else:
@@ -132,11 +149,12 @@ def test_reset_one_element_leaves_the_other_and_equals_fresh_stream():
     with torch.no_grad():
         with model.streaming(2):
             _stream(model, a, [1] * 19)
-            before = [g._streaming_state.w[1].clone() for g in gatings]
+            before = [g._streaming_state.delta[1].clone() for g in gatings]
+            assert all(w1.any() for w1 in before)
             model.reset_streaming(torch.tensor([True, False]))
             for g, w1 in zip(gatings, before):
-                assert torch.equal(g._streaming_state.w[0], g.w_down.float())
-                assert torch.equal(g._streaming_state.w[1], w1)
+                assert not g._streaming_state.delta[0].any()  # back to W^(0)
+                assert torch.equal(g._streaming_state.delta[1], w1)
             model.reset_streaming()
             after_reset = _stream(model, b, [1] * 23)
         with model.streaming(2):
@@ -155,13 +173,13 @@ def test_exec_mask_freezes_masked_elements():
         _stream(model, seq[:, :, :5], [1] * 5)
         state = gating._streaming_state
         model.set_exec_mask(torch.tensor([True, False]))
-        w1 = state.w[1].clone()
+        w1 = state.delta[1].clone()
         buf1 = state.buf_z[1].clone()
         for t in range(5, 25):
             model.forward_text(seq[:, :, t : t + 1])
-        assert torch.equal(state.w[1], w1) and torch.equal(state.buf_z[1], buf1)
+        assert torch.equal(state.delta[1], w1) and torch.equal(state.buf_z[1], buf1)
         assert state.pos.tolist() == [25 % C, 5 % C]
-        assert not torch.equal(state.w[0], w1)
+        assert not torch.equal(state.delta[0], w1)
 
 
 def test_batch_of_two_equals_two_single_runs():
@@ -284,9 +302,9 @@ def test_lmgen_streams_a_ttt_model():
             o = gen.step(torch.zeros(2, n_user, 1, dtype=torch.long))
             if o is not None:
                 outs.append(o)
-        w = ttt_gatings(model)[0]._streaming_state.w
+        delta = ttt_gatings(model)[0]._streaming_state.delta
     assert len(outs) == 19 and outs[0].shape == (2, 1 + model.dep_q, 1)
-    assert not torch.equal(w[0], ttt_gatings(model)[0].w_down.float())
+    assert delta[0].any()  # the fast weight moved away from W^(0)
 
 
 def test_missing_target_source_is_a_clear_error():

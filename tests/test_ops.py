@@ -111,6 +111,34 @@ def test_low_precision_inputs_use_float32_math():
     assert _rel(wf, ref_wf) < 1e-5
 
 
+@pytest.mark.parametrize("form", ["dual", "scan"])
+def test_bf16_base_term_is_moshis_linear_out_and_the_update_stays_float32(form):
+    """Under bf16 autocast (float32 w0, bf16 z) the base term is exactly the autocast nn.Linear, in
+    value and in gradients; the update term is float32 (the reference on the same rounded inputs)."""
+    z, _, w0 = _inputs(2, 40, 8, 16, shared=True)
+    zb = z.detach().bfloat16().requires_grad_()
+    w0 = w0.detach().requires_grad_()
+    g = torch.randn(2, 40, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = torch.nn.functional.linear(zb, w0)
+    (plain.float() * g).sum().backward()
+    plain_dz, plain_dw = zb.grad.clone(), w0.grad.clone()
+    zb.grad = w0.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = ttt_chunked(zb, torch.zeros(2, 40, 8, dtype=torch.bfloat16), w0, 0.3, 8, form=form)
+    (out.float() * g).sum().backward()
+    assert out.dtype == torch.bfloat16 and torch.equal(out, plain)
+    assert torch.equal(w0.grad, plain_dw)
+    torch.testing.assert_close(zb.grad, plain_dz, atol=0, rtol=0)
+    # With a nonzero target the difference to the plain projection is the float32 update term.
+    vb = (torch.randn(2, 40, 8) * 0.5).bfloat16()
+    out, wf = ttt_chunked(zb.detach(), vb, w0.detach(), 0.3, 8, form=form)
+    ref_out, ref_wf = ttt_reference(zb.detach().float(), vb.float(), w0.detach(), 0.3, 8)
+    ref_update = ref_out - torch.nn.functional.linear(zb.detach().float(), w0.detach())
+    assert _rel(out.float() - plain.detach().float(), ref_update) < 2e-2  # bf16 rounding of out only
+    assert _rel(wf, ref_wf) < 1e-5  # the state is float32 (from the float32 w0)
+
+
 def test_eta_zero_is_the_plain_projection():
     z, v, w0 = _inputs(2, 17, 4, 6, shared=True)
     out, wf = ttt_chunked(z, v, w0, 0.0, 4)
