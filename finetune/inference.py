@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moshi_ttt import apply_ttt, load_ttt_config, load_ttt_weights, ttt_gatings
+from moshi_ttt import TTTLMGen, apply_ttt, load_ttt_config, load_ttt_weights, ttt_gatings
 
 from .args import TrainConfig, load_config
 from .checkpointing import list_checkpoints
@@ -154,9 +154,6 @@ def stream_conversations(
     bit-stable across batch sizes (its nearest-code decisions can flip with the batch's float rounding),
     so pass codes to compare runs of different batch sizes exactly.
     """
-    from moshi.models import LMGen
-    from moshi.utils.compile import no_cuda_graph
-
     from .data.audio import FRAME_SIZE
 
     if (user_audio is None) == (user_codes is None):
@@ -176,7 +173,7 @@ def stream_conversations(
     else:
         B, _, n_frames = user_codes.shape
         user_codes = user_codes.to(device)
-    gen = LMGen(
+    gen = TTTLMGen(
         lm, use_sampling=not greedy, temp=temp, temp_text=temp_text, top_k=top_k, top_k_text=top_k_text
     )
     text, audio_toks, out_pcm, user_toks, step_ms, frame_ms = [], [], [], [], [], []
@@ -185,8 +182,8 @@ def stream_conversations(
         from tqdm import tqdm
 
         frames = tqdm(frames, unit="frame", desc="streaming")
-    # TTT layers update fast weights every chunk_size frames, which a CUDA graph cannot replay.
-    with no_cuda_graph(), gen.streaming(B), mimi.streaming(B):
+    # TTTLMGen keeps moshi's CUDA graphs on GPU (chunk-end updates run between graph replays).
+    with gen.streaming(B), mimi.streaming(B):
         for f in frames:
             t0 = time.perf_counter()
             if user_codes is None:

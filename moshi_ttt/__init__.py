@@ -23,6 +23,7 @@ from .checkpoint import (  # noqa: E402
 from .config import TARGET_SOURCES, TTTConfig  # noqa: E402
 from .gating import TTTGating  # noqa: E402
 from .patch import apply_ttt, ttt_gatings, ttt_info  # noqa: E402
+from .streaming import TTTLMGen  # noqa: E402
 from .ttt_mlp import TTTMLPGating  # noqa: E402
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "TARGET_SOURCES",
     "TTTConfig",
     "TTTGating",
+    "TTTLMGen",
     "TTTMLPGating",
     "apply_ttt",
     "load_ttt_config",

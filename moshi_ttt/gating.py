@@ -45,11 +45,16 @@ class _TTTState(State):
     buf_z: torch.Tensor  # [B, C, h] float32: activations of the current chunk so far
     buf_src: torch.Tensor  # [B, C, d_src]: target source of the current chunk so far
     pos: torch.Tensor  # [B] int64 on CPU: tokens of the current chunk seen so far
+    # The same positions on the model's device, for CUDA-graph steps (see TTTGating.prepare_graph_step).
+    pos_dev: torch.Tensor
+    pos_dev_stale: bool = False  # eager steps moved `pos` since pos_dev was last written
+    graph_steps: bool = False  # graph steps moved `pos_dev` since `pos` was last read back
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
         self.delta[reset_mask.to(self.delta.device)] = 0.0
         self.pos[reset_mask.cpu()] = 0
+        self.pos_dev.masked_fill_(reset_mask.to(self.pos_dev.device), 0)
 
 
 def _weight_of(linear: nn.Module) -> torch.Tensor:
@@ -96,6 +101,7 @@ class TTTGating(StreamingModule[_TTTState]):
         self.target_proj = nn.Parameter(torch.empty(d, d, **factory))
         self.reset_target_parameters()
         self.freeze_updates = False  # streaming: keep the fast weights at W^(0) (to compare with/without TTT)
+        self.graph_mode = False  # streaming: capturable one-step path, set by moshi_ttt.TTTLMGen per step
         self.record_stats = False  # training telemetry: set to keep last_update_norm of the next forward
         self.last_update_norm: torch.Tensor | None = None
         self._register_load_state_dict_pre_hook(self._map_vanilla_keys)
@@ -196,7 +202,8 @@ class TTTGating(StreamingModule[_TTTState]):
         z = self.activations(x)
         state = self._streaming_state
         if state is not None:
-            return self._stream(z, src, state).to(x.dtype)
+            stream = self._stream_graph_step if self.graph_mode else self._stream
+            return stream(z, src, state).to(x.dtype)
         v = self.target(src)
         out, _ = ttt_chunked(
             z,
@@ -226,21 +233,82 @@ class TTTGating(StreamingModule[_TTTState]):
             buf_z=torch.zeros(batch_size, C, self.hidden, device=dev, dtype=torch.float32),
             buf_src=torch.zeros(batch_size, C, self.dim, device=dev, dtype=w0.dtype),
             pos=torch.zeros(batch_size, dtype=torch.long),
+            pos_dev=torch.zeros(batch_size, dtype=torch.long, device=dev),
         )
+
+    def _output(self, z: torch.Tensor, zf: torch.Tensor, state: _TTTState) -> torch.Tensor:
+        """``z W^(0)T`` (the base term, in the dtype training uses for it) ``+ z delta^T`` (float32)."""
+        bdt = _base_dtype(z, torch.float32)
+        return torch.baddbmm(F.linear(z.to(bdt), state.w0.to(bdt)).float(), zf, state.delta.transpose(1, 2))
+
+    def _complete_chunks(self, state: _TTTState, done: torch.Tensor) -> None:
+        """Chunk end for the elements in ``done`` (CPU bool [B]): W^(i) = W^(i-1) + eta V[i]^T Z[i]."""
+        if not self.freeze_updates:
+            eta = self.config.eta
+            if bool(done.all()):
+                v = self.target(state.buf_src).to(torch.float32)  # [B, C, d] over the whole chunk
+                state.delta.baddbmm_(v.transpose(1, 2), state.buf_z, alpha=eta)  # in place
+            else:
+                idx = done.nonzero().flatten().tolist()
+                v = self.target(state.buf_src[idx]).to(torch.float32)  # [k, C, d]
+                for j, b in enumerate(idx):
+                    state.delta[b].addmm_(v[j].t(), state.buf_z[b], alpha=eta)
+        state.pos[done] = 0
+        state.pos_dev_stale = True
+
+    @torch.no_grad()
+    def prepare_graph_step(self, pos: torch.Tensor | None = None) -> None:
+        """Between two graph-mode steps (eagerly, outside any CUDA graph): read the device positions
+        back, apply the updates of the chunks that completed, and write the positions the next step
+        will use. :class:`moshi_ttt.TTTLMGen` calls it before every step, with ``pos`` (CPU) read
+        once for all TTT layers (they see the same steps), so a step costs one host sync in all."""
+        state = self._streaming_state
+        if state is None:
+            return
+        if state.graph_steps:
+            state.pos.copy_(state.pos_dev.cpu() if pos is None else pos)
+            state.graph_steps = False
+            done = state.pos >= self.config.chunk_size
+            if bool(done.any()):
+                self._complete_chunks(state, done)
+        if state.pos_dev_stale:
+            state.pos_dev.copy_(state.pos)
+            state.pos_dev_stale = False
+
+    @torch.no_grad()
+    def _stream_graph_step(self, z: torch.Tensor, src: torch.Tensor, state: _TTTState) -> torch.Tensor:
+        """One streaming step that a CUDA graph can capture and replay: no host sync and no branch on
+        data. The output uses the chunk-start weight; ``z`` and the source go into the chunk buffers
+        at the device-side position, which advances where ``exec_mask`` is set. The chunk-end update
+        is left to :meth:`prepare_graph_step` before the next step."""
+        B, T, _ = z.shape
+        if T != 1:
+            raise ValueError(f"graph-mode TTT streaming takes one step per call, got {T}")
+        if B != state.batch_size:
+            raise ValueError(f"streaming batch size is {state.batch_size}, got an input of batch {B}")
+        zf = z.to(torch.float32)
+        out = self._output(z, zf, state)
+        # A completed chunk waits for prepare_graph_step; clamping keeps a forgotten call in bounds.
+        idx = state.pos_dev.clamp(max=self.config.chunk_size - 1).view(B, 1, 1)
+        state.buf_z.scatter_(1, idx.expand(B, 1, self.hidden), zf)
+        state.buf_src.scatter_(1, idx.expand(B, 1, src.shape[-1]), src.to(state.buf_src.dtype))
+        state.pos_dev.add_(state.exec_mask.to(torch.long))
+        return out
 
     @torch.no_grad()
     def _stream(self, z: torch.Tensor, src: torch.Tensor, state: _TTTState) -> torch.Tensor:
         if z.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
-                "TTT streaming updates fast weights every chunk_size steps, which a CUDA graph cannot "
-                "replay; run with NO_CUDA_GRAPH=1"
+                "TTT streaming under a CUDA graph needs the graph-mode step: stream with "
+                "moshi_ttt.TTTLMGen instead of moshi's LMGen (or set NO_CUDA_GRAPH=1)"
             )
+        if state.graph_steps:  # graph-mode steps ran before this eager call
+            self.prepare_graph_step()
         B, T, _ = z.shape
         if B != state.batch_size:
             raise ValueError(f"streaming batch size is {state.batch_size}, got an input of batch {B}")
-        C, eta = self.config.chunk_size, self.config.eta
+        C = self.config.chunk_size
         zf = z.to(torch.float32)
-        bdt = _base_dtype(z, torch.float32)
         src = src.to(state.buf_src.dtype)
         active = state.exec_mask.cpu()
         pos = state.pos
@@ -251,11 +319,7 @@ class TTTGating(StreamingModule[_TTTState]):
             if active.any():
                 L = min(L, int((C - pos[active]).min()))
             zs, ss = zf[:, t : t + L], src[:, t : t + L]
-            # [B, L, d] with the chunk-start weight W^(0) + delta; the base term as in training (ops).
-            zb = z[:, t : t + L].to(bdt)
-            outs.append(
-                torch.baddbmm(F.linear(zb, state.w0.to(bdt)).float(), zs, state.delta.transpose(1, 2))
-            )
+            outs.append(self._output(z[:, t : t + L], zs, state))  # [B, L, d], chunk-start weight
             if active.all() and bool((pos == pos[0]).all()):
                 p = int(pos[0])
                 state.buf_z[:, p : p + L] = zs
@@ -266,19 +330,9 @@ class TTTGating(StreamingModule[_TTTState]):
                     state.buf_z[b, p : p + L] = zs[b]
                     state.buf_src[b, p : p + L] = ss[b]
             pos[active] += L
+            state.pos_dev_stale = True
             done = pos == C
-            if done.any() and self.freeze_updates:
-                pos[done] = 0
-            elif done.any():
-                # W^(i) = W^(i-1) + eta V[i]^T Z[i], in place (no [B, d, h] temporaries).
-                if bool(done.all()):
-                    v = self.target(state.buf_src).to(torch.float32)  # [B, C, d] over the whole chunk
-                    state.delta.baddbmm_(v.transpose(1, 2), state.buf_z, alpha=eta)
-                else:
-                    idx = done.nonzero().flatten().tolist()
-                    v = self.target(state.buf_src[idx]).to(torch.float32)  # [k, C, d]
-                    for j, b in enumerate(idx):
-                        state.delta[b].addmm_(v[j].t(), state.buf_z[b], alpha=eta)
-                pos[done] = 0
+            if done.any():
+                self._complete_chunks(state, done)
             t += L
         return torch.cat(outs, dim=1)

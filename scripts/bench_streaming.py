@@ -20,9 +20,9 @@ Models (random weights, fp32, CPU):
   layers 0, 6, ..., 30 as in ``configs/moshi7b_*.yaml``, chunk 64; about 7.7 B parameters, so for a
   GPU (``--device cuda --dtype bf16``, 16 GB).
 
-On CUDA, frames are timed after a synchronisation, and the plain model is also streamed with moshi's
-CUDA graphs (its default on GPU); TTT layers stream without them (``finetune.inference`` turns them
-off: a chunk-end update every ``chunk_size`` frames is not something a captured graph replays).
+The TTT model streams through :class:`moshi_ttt.TTTLMGen` (what ``scripts/infer.py`` uses). On
+CUDA, frames are timed after a synchronisation, and both models are also streamed with moshi's CUDA
+graphs (its default on GPU; TTTLMGen applies chunk-end updates between graph replays).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from moshi.models import LMGen, LMModel, loaders  # noqa: E402
 from moshi.utils.compile import no_cuda_graph  # noqa: E402
 
-from moshi_ttt import TTTConfig, apply_ttt, ttt_gatings  # noqa: E402
+from moshi_ttt import TTTConfig, TTTLMGen, apply_ttt, ttt_gatings  # noqa: E402
 from moshi_ttt.tiny import tiny_lm_kwargs  # noqa: E402
 
 MODELS = {
@@ -73,7 +73,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def stream(model, steps: int, warmup: int, seed: int = 0, cuda_graph: bool = False) -> np.ndarray:
     device = next(model.parameters()).device
-    gen = LMGen(model, use_sampling=False)
+    gen = TTTLMGen(model, use_sampling=False) if ttt_gatings(model) else LMGen(model, use_sampling=False)
     n_user = model.n_q - model.dep_q
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, model.card, (steps + warmup, 1, n_user, 1), generator=g).to(device)
@@ -123,17 +123,22 @@ def main() -> None:
         with torch.no_grad():
             for g in ttt_gatings(model).values():
                 g.target_conv.normal_(std=0.1)
+        ttt_graphed = stream(model, steps, args.warmup, cuda_graph=True) if cuda else None
         ttt = stream(model, steps, args.warmup)
         print(f"\n{name}: {n_params / 1e6:.1f} M parameters, {steps} frames, TTT {spec['ttt']}")
         if graphed is not None:
             print(f"  plain, CUDA graphs {fmt(graphed)}")
+            print(f"  TTT,   CUDA graphs {fmt(ttt_graphed)}")
         print(f"  plain {fmt(plain)}")
         print(f"  TTT   {fmt(ttt)}")
+        if graphed is not None:
+            print(
+                f"  TTT / plain with CUDA graphs: mean {ttt_graphed.mean() / graphed.mean():.3f}x, "
+                f"p50 {np.median(ttt_graphed) / np.median(graphed):.3f}x"
+            )
         print(
             f"  TTT / plain: mean {ttt.mean() / plain.mean():.3f}x, p50 {np.median(ttt) / np.median(plain):.3f}x"
         )
-        if graphed is not None:
-            print(f"  TTT / plain with CUDA graphs: mean {ttt.mean() / graphed.mean():.3f}x")
         del model
 
 

@@ -9,7 +9,9 @@ non-zero when a check fails:
    float32 either way, so bf16 inputs differ from the reference by input rounding only);
 2. a tiny TTT Moshi (both variants) on CUDA equals the unpatched model at init, and streaming it frame by frame
    (``model.streaming``) equals the full forward, in float32 and in bf16;
-3. a forward+backward under bf16 autocast (how training runs on GPU) leaves parameters unchanged and
+3. ``TTTLMGen`` with moshi's CUDA graphs generates the same greedy tokens as ``LMGen`` without
+   graphs, and ends with the same fast weights;
+4. a forward+backward under bf16 autocast (how training runs on GPU) leaves parameters unchanged and
    gives finite gradients to ``w_down`` and the target path.
 
     python scripts/check_cuda.py                  # needs a CUDA device
@@ -23,6 +25,7 @@ import os
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import copy  # noqa: E402
 import sys  # noqa: E402
 
@@ -125,6 +128,50 @@ def check_model(device: torch.device) -> None:
         check(f"{name} streaming == full forward (text logits)", rel(logits, full_logits), tol)
 
 
+def check_graphs(device: torch.device) -> None:
+    from moshi.models import LMGen
+    from moshi.utils.compile import no_cuda_graph
+
+    from moshi_ttt import TTTLMGen
+
+    print(f"TTTLMGen with CUDA graphs vs LMGen without, greedy, 60 frames, batch 2 ({device.type}):")
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        model = apply_ttt(
+            build_tiny_lm(seed=0, context=16, device=device, dtype=dtype),
+            TTTConfig(chunk_size=8, eta=0.05, layers=[0, 2]),
+        ).eval()
+        gen = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for gating in ttt_gatings(model).values():
+                gating.target_conv.copy_(
+                    torch.randn(gating.target_conv.shape, generator=gen).to(device) * 0.3
+                )
+        n_user = model.num_codebooks - model.dep_q - 1
+        user = torch.randint(0, model.card, (60, 2, n_user, 1), generator=gen).to(device)
+        runs = []
+        for cls, graphs in ((LMGen, False), (TTTLMGen, True)):
+            lm_gen = cls(model, use_sampling=False)
+            outs = []
+            with (
+                torch.no_grad(),
+                contextlib.nullcontext() if graphs else no_cuda_graph(),
+                lm_gen.streaming(2),
+            ):
+                for t in range(60):
+                    o = lm_gen.step(user[t])
+                    if o is not None:
+                        outs.append(o)
+                gating = ttt_gatings(model)[0]
+                gating.prepare_graph_step()
+                runs.append((torch.cat(outs, -1).cpu(), gating._streaming_state.delta.clone()))
+        same = torch.equal(runs[0][0], runs[1][0])
+        print(f"  {'ok  ' if same else 'FAIL'} {name} tokens identical ({runs[0][0].numel()} tokens)")
+        if not same:
+            FAILED.append(f"{name} TTTLMGen tokens")
+        check(f"{name} final fast weight", rel(runs[1][1], runs[0][1]), 1e-5)
+
+
 def check_autocast_step(device: torch.device) -> None:
     print(f"bf16 autocast forward+backward on {device.type} (float32 weights):")
     model = apply_ttt(
@@ -167,6 +214,7 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = False
     check_ops(device)
     check_model(device)
+    check_graphs(device)
     check_autocast_step(device)
     if FAILED:
         sys.exit(f"{len(FAILED)} check(s) failed: {', '.join(FAILED)}")

@@ -307,6 +307,92 @@ def test_lmgen_streams_a_ttt_model():
     assert delta[0].any()  # the fast weight moved away from W^(0)
 
 
+def _graph_steps(model, seq, modes):
+    """Stream ``seq`` one step at a time; mode 'g' runs the capturable graph-mode path (as
+    TTTLMGen does: prepare_graph_step before the step), 'e' the eager path."""
+    outs = []
+    gatings = list(ttt_gatings(model).values())
+    for t, mode in enumerate(modes):
+        for g in gatings:
+            if mode == "g":
+                g.prepare_graph_step()
+            g.graph_mode = mode == "g"
+        outs.append(model.forward_text(seq[:, :, t : t + 1])[1])
+        for g in gatings:
+            g.graph_mode = False
+            g._streaming_state.graph_steps |= mode == "g"
+    return torch.cat(outs, 2)
+
+
+@pytest.mark.parametrize("modes", ["g" * 30, "e" * 7 + "g" * 12 + "e" * 3 + "g" * 8])
+def test_graph_mode_steps_equal_the_full_forward(modes):
+    _, model = make()
+    randomize_ttt(model)
+    model.eval()
+    seq = random_codes(model, 2, len(modes))
+    with torch.no_grad():
+        full = model.forward_text(seq)[1]
+        with model.streaming(2):
+            streamed = _graph_steps(model, seq, modes)
+            assert ttt_gatings(model)[0]._streaming_state.delta.any()
+    torch.testing.assert_close(streamed, full, atol=2e-5, rtol=1e-4)
+
+
+def test_graph_mode_respects_exec_mask_and_resets():
+    _, model = make()
+    randomize_ttt(model)
+    model.eval()
+    a = random_codes(model, 2, 30)
+    g0 = ttt_gatings(model)[0]
+    with torch.no_grad():
+        with model.streaming(2):
+            _graph_steps(model, a[:, :, :5], "g" * 5)
+            model.set_exec_mask(torch.tensor([True, False]))
+            _graph_steps(model, a[:, :, 5:25], "g" * 20)
+            for g in ttt_gatings(model).values():
+                g.prepare_graph_step()
+            state = g0._streaming_state
+            assert state.pos.tolist() == [25 % C, 5] and state.pos_dev.tolist() == [25 % C, 5]
+            frozen = state.delta[1].clone()
+            model.set_exec_mask(torch.tensor([True, True]))
+            model.reset_streaming(torch.tensor([True, False]))
+            assert not state.delta[0].any() and state.pos.tolist() == [0, 5] and state.pos_dev.tolist() == [0, 5]
+            assert torch.equal(state.delta[1], frozen)
+            after = _graph_steps(model, a, "g" * 30)
+        with model.streaming(2):  # element 0 after its reset == a fresh stream
+            fresh = _graph_steps(model, a, "g" * 30)
+    torch.testing.assert_close(after[0], fresh[0], atol=1e-6, rtol=1e-6)
+
+
+def test_ttt_lmgen_equals_lmgen():
+    from moshi_ttt import TTTLMGen
+
+    _, model = make()
+    randomize_ttt(model)
+    model.eval()
+    n_user = model.num_codebooks - model.dep_q - 1
+    g = torch.Generator().manual_seed(0)
+    user = torch.randint(0, model.card, (40, 2, n_user, 1), generator=g)
+    runs = []
+    for cls in (LMGen, TTTLMGen):
+        gen = cls(model, use_sampling=False)
+        outs = []
+        with torch.no_grad(), gen.streaming(2):
+            for t in range(40):
+                if t == 23:
+                    gen.reset_streaming(torch.tensor([False, True]))
+                o = gen.step(user[t])
+                if o is not None:
+                    outs.append(o)
+            gating = ttt_gatings(model)[0]
+            gating.prepare_graph_step()  # TTTLMGen applies a completed chunk's update before the next step
+            delta = gating._streaming_state.delta.clone()
+        runs.append((torch.cat(outs, -1), delta))
+    assert torch.equal(runs[0][0], runs[1][0])
+    torch.testing.assert_close(runs[0][1], runs[1][1], atol=1e-6, rtol=1e-6)
+    assert runs[1][1].any()
+
+
 def test_missing_target_source_is_a_clear_error():
     _, model = make()
     x = torch.randn(1, 5, 64)
