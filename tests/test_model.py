@@ -356,7 +356,9 @@ def test_graph_mode_respects_exec_mask_and_resets():
             frozen = state.delta[1].clone()
             model.set_exec_mask(torch.tensor([True, True]))
             model.reset_streaming(torch.tensor([True, False]))
-            assert not state.delta[0].any() and state.pos.tolist() == [0, 5] and state.pos_dev.tolist() == [0, 5]
+            assert (
+                not state.delta[0].any() and state.pos.tolist() == [0, 5] and state.pos_dev.tolist() == [0, 5]
+            )
             assert torch.equal(state.delta[1], frozen)
             after = _graph_steps(model, a, "g" * 30)
         with model.streaming(2):  # element 0 after its reset == a fresh stream
