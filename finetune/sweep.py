@@ -31,6 +31,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,13 +121,22 @@ class Sweep:
                 out.append(Run(name, params, overrides, run_dir))
         return out
 
+    FAILED_MARKER = "sweep_failed.json"  # written when a run's trainer exits non-zero
+
     def status(self, run: Run) -> str:
-        """``done``, ``partial`` (has checkpoints, resumable) or ``new``."""
+        """``done``, ``failed (exit N)`` (its last attempt failed: diverged, crashed), ``partial``
+        (has checkpoints, resumable) or ``new``. Every run but a done one runs again on re-run."""
         ckpts = list_checkpoints(run.run_dir)
-        if not ckpts:
-            return "new"
-        max_steps = load_config(self.base, run.overrides).max_steps
-        return "done" if ckpts[-1][0] >= max_steps else "partial"
+        if ckpts and ckpts[-1][0] >= load_config(self.base, run.overrides).max_steps:
+            return "done"
+        marker = run.run_dir / self.FAILED_MARKER
+        if marker.exists():
+            try:
+                code = json.loads(marker.read_text())["exit_code"]
+            except (ValueError, KeyError, TypeError):
+                code = "?"
+            return f"failed (exit {code})"
+        return "partial" if ckpts else "new"
 
     def command(self, run: Run, nproc: int = 1, python: str = sys.executable) -> list[str]:
         launcher = (
@@ -145,9 +155,13 @@ class Sweep:
                 results[run.name] = "skipped"
                 continue
             log(f"[{i}/{len(runs)}] {run.name}: {'resuming' if state == 'partial' else 'starting'}")
+            marker = run.run_dir / self.FAILED_MARKER
+            marker.unlink(missing_ok=True)
             code = runner(run)
             results[run.name] = "ok" if code == 0 else f"failed ({code})"
             if code != 0:
+                run.run_dir.mkdir(parents=True, exist_ok=True)
+                marker.write_text(json.dumps({"exit_code": code, "time": time.time()}) + "\n")
                 log(
                     f"[{i}/{len(runs)}] {run.name}: failed with exit code {code} (see {run.run_dir}/train.log)"
                 )

@@ -146,6 +146,8 @@ def test_sweep_skips_finished_resumes_interrupted_and_collects(tmp_path):
     runner = fake_trainer(sweep, calls, fail)
     first = sweep.run_all(runner, log=lambda s: None)
     assert first["chunk_size=16,eta=1,target_source=hidden"] == "failed (3)"
+    assert sweep.status(sweep.runs()[-1]) == "failed (exit 3)"
+    assert [r["status"] for r in sweep.collect()][-1] == "failed (exit 3)"
     assert sweep.status(sweep.runs()[0]) == "partial"  # the eta=0.001 runs stopped at step 2 of 4
     calls.clear()
     fail.clear()
