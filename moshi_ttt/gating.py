@@ -16,9 +16,10 @@ Training (no streaming state) runs :func:`moshi_ttt.ops.ttt_chunked` over the wh
 Streaming keeps one float32 accumulated update ``delta = W^(i-1) - W^(0)`` per batch element in
 ``_TTTState``: each step is computed with the weight of its chunk's start, as ``z W^(0)T`` (the
 base term, in the dtype training uses for it) plus ``z delta^T`` (float32); ``z`` and the source are
-buffered, and when a chunk completes
-its target is computed over the whole chunk (the conv needs the chunk's later tokens) and the update
-is applied. Streaming therefore equals the full-sequence forward.
+buffered, and when a chunk completes its target is computed over the whole chunk (the conv needs the
+chunk's later tokens) and the update is applied. Streaming therefore equals the full-sequence
+forward. Under CUDA graphs (:class:`moshi_ttt.TTTLMGen`) a capturable one-step path writes the
+buffers at a device-side position and the update runs between graph replays.
 """
 
 from __future__ import annotations
