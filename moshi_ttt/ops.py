@@ -150,7 +150,7 @@ class _TTTChunkedFn(torch.autograd.Function):
         B, T, h = z.shape
         d = v.shape[2]
         cdt = _compute_dtype(z, v, w0)
-        zf, vf, wf = z.to(cdt), v.to(cdt), w0.to(cdt)
+        zf, vf = z.to(cdt), v.to(cdt)
         tile = _tile_size(chunk_size)
         bdt = _base_dtype(z, cdt)
         out = _base(z.to(bdt), w0.to(bdt)).to(cdt)  # [B, T, d]
@@ -179,7 +179,7 @@ class _TTTChunkedFn(torch.autograd.Function):
         if return_final:
             if S is None:
                 S = torch.bmm(vf.transpose(1, 2), zf)
-            w_final = wf.expand(B, d, h) + eta * S
+            w_final = w0.to(cdt).expand(B, d, h) + eta * S
         ctx.save_for_backward(z, v, w0, *scores)
         ctx.cfg = (eta, chunk_size, form, cdt)
         if w_final is None:
@@ -197,7 +197,7 @@ class _TTTChunkedFn(torch.autograd.Function):
         eta, chunk_size, form, cdt = ctx.cfg
         B, T, h = z.shape
         d = v.shape[2]
-        zf, vf, wf = z.to(cdt), v.to(cdt), w0.to(cdt)
+        zf, vf = z.to(cdt), v.to(cdt)
         g = g_out.to(cdt)
         tile = _tile_size(chunk_size)
         # Base term O = Z W0^T, in the dtype the forward used for it.
@@ -213,7 +213,7 @@ class _TTTChunkedFn(torch.autograd.Function):
         gF = None
         if g_final is not None:
             gF = g_final.to(cdt)
-            dw = dw + (gF.sum(0) if wf.dim() == 2 else gF)
+            dw = dw + (gF.sum(0) if w0.dim() == 2 else gF)
         tiles = [(a, min(T, a + tile)) for a in range(0, T, tile)]
         eg = eta * g
         if form == "dual":
