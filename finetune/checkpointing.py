@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from moshi_ttt import save_ttt_weights, to_moshi_state_dict, ttt_gatings, ttt_info
+from moshi_ttt import save_ttt_weights, to_moshi_state_dict, ttt_info, ttt_state_dict
 
 from .distributed import DistInfo, barrier
 
@@ -92,7 +92,10 @@ def export_moshi(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     if ttt_info(model) is not None:
-        sd = to_moshi_state_dict(model, state_dict)
+        # moshi's LoRA loading wraps every Linear, the TTT layers' linear_out too: zero adapters for those.
+        sd = to_moshi_state_dict(
+            model, state_dict, lora_rank=cfg.lora.rank if cfg.finetune == "lora" else None
+        )
     else:
         sd = model.state_dict() if state_dict is None else state_dict
     lora = {k: v for k, v in sd.items() if ".lora_A." in k or ".lora_B." in k}
@@ -100,11 +103,6 @@ def export_moshi(
     config = dict(raw_config)
     dtype = torch.bfloat16 if cfg.model.source != "tiny" else torch.float32
     if cfg.finetune == "lora":
-        # moshi wraps every Linear on load, the TTT layers' linear_out too: give those zero adapters.
-        for i, g in ttt_gatings(model).items():
-            p = f"transformer.layers.{i}.gating.linear_out."
-            lora[p + "lora_A.weight"] = torch.zeros(cfg.lora.rank, g.hidden)
-            lora[p + "lora_B.weight"] = torch.zeros(g.dim, cfg.lora.rank)
         config.update(
             lora=True, lora_rank=cfg.lora.rank, lora_scaling=cfg.lora.scaling, lora_name="lora.safetensors"
         )
@@ -186,14 +184,8 @@ def _gather_for_export(model: nn.Module, cfg) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    out = {}
-    for i, g in ttt_gatings(model).items():
-        for name in ("w_down", "target_conv", "target_proj"):
-            t = getattr(g, name).detach()
-            out[f"transformer.layers.{i}.gating.{name}"] = (
-                t.full_tensor() if isinstance(t, DTensor) else t
-            ).cpu()
-    return out
+    sd = ttt_state_dict(model) if ttt_info(model) is not None else {}
+    return {k: (t.full_tensor() if isinstance(t, DTensor) else t).cpu() for k, t in sd.items()}
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

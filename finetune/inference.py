@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moshi_ttt import TTTLMGen, apply_ttt, load_ttt_config, load_ttt_weights, ttt_gatings
+from moshi_ttt import TTTLMGen, apply_ttt, load_ttt_config, load_ttt_weights, set_ttt_updates
 
 from .args import TrainConfig, load_config
 from .checkpointing import list_checkpoints
@@ -160,8 +160,8 @@ def stream_conversations(
         raise ValueError("give exactly one of user_audio or user_codes")
     lm, mimi = loaded.lm, loaded.mimi
     device = next(lm.parameters()).device
-    for g in ttt_gatings(lm).values() if loaded.ttt else []:
-        g.freeze_updates = not ttt_updates
+    if loaded.ttt:
+        set_ttt_updates(lm, ttt_updates)
     torch.manual_seed(seed)
     if user_audio is not None:
         B = len(user_audio)

@@ -29,6 +29,15 @@ def random_codes(model, B: int, T: int, generator: torch.Generator | None = None
     return torch.cat([text, audio], dim=1)
 
 
+def stream_text_logits(model, seq: torch.Tensor, pieces: list[int]) -> torch.Tensor:
+    """Text logits of ``model.forward_text`` in streaming mode over ``seq`` [B, K, T] cut into ``pieces``."""
+    outs, t = [], 0
+    for n in pieces:
+        outs.append(model.forward_text(seq[:, :, t : t + n])[1])
+        t += n
+    return torch.cat(outs, 2)
+
+
 def randomize_ttt(model, std: float = 0.3, seed: int = 0) -> None:
     """Give every TTT gating's target path (and w_down) random nonzero values."""
     from moshi_ttt import ttt_gatings

@@ -248,13 +248,14 @@ def test_finetune_modes_train_the_right_parameters(tmp_path):
     assert "transformer.layers.1.gating.w_down" not in keys
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
-def test_moshi_export_loads_in_moshi_and_matches_without_updates(tmp_path, mode):
+@pytest.mark.parametrize("mode, variant", [("full", "inplace"), ("lora", "inplace"), ("lora", "mlp")])
+def test_moshi_export_loads_in_moshi_and_matches_without_updates(tmp_path, mode, variant):
     from moshi.models import loaders
 
-    from moshi_ttt import apply_ttt, load_ttt_config, load_ttt_weights, ttt_gatings
+    from moshi_ttt import apply_ttt, load_ttt_config, load_ttt_weights, set_ttt_updates, ttt_gatings
 
-    train(tiny_cfg(tmp_path / "e", max_steps=2, finetune=mode))
+    over = {"ttt.variant": variant, "ttt.mlp_heads": 2}
+    train(tiny_cfg(tmp_path / "e", max_steps=2, finetune=mode, **over))
     ckpt = list_checkpoints(tmp_path / "e")[-1][1]
     raw = json.loads((ckpt / "moshi" / "config.json").read_text())
     assert not any(k.startswith("ttt") for k in raw)
@@ -273,8 +274,10 @@ def test_moshi_export_loads_in_moshi_and_matches_without_updates(tmp_path, mode)
     codes = torch.cat([torch.randint(0, 100, (1, 1, 20)), torch.randint(0, 64, (1, 4, 20))], 1)
     with torch.no_grad():
         a = vanilla(codes).text_logits
-        for g in ttt_gatings(ttt).values():
-            g.config.eta = 0.0
+        set_ttt_updates(ttt, False)
+        if variant == "mlp":  # the export is the layer's own MLP: the branch with its gate closed
+            for g in ttt_gatings(ttt).values():
+                g.alpha.zero_()
         b = ttt(codes).text_logits
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -467,7 +470,7 @@ def test_ttt_mlp_variant_trains_resumes_and_exports(tmp_path):
     keys = _trainable_groups(tmp_path / "m")
     from moshi_ttt import TTTMLPGating
 
-    assert keys == {f"transformer.layers.1.gating.{n}" for n in TTTMLPGating.TTT_PARAMS}
+    assert keys == {f"transformer.layers.1.gating.{n}" for n in TTTMLPGating.ttt_param_names()}
     recs = [json.loads(x) for x in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
     tr = [r for r in recs if r["kind"] == "train"][-1]
     assert tr["ttt/layer1/gate"] != 0.0 and "ttt/layer1/update_norm" in tr  # the gate moved off 0
