@@ -44,7 +44,8 @@ class TTTArgs(TTTConfig):
     enabled: bool = True
     # The TTT layers' W_gate / W_up do not train. null: true for finetune=ttt_only, false otherwise.
     freeze_slow_weights: bool | None = None
-    # Whether w_down (the fast weight's initial state W^(0)) trains.
+    # Whether the TTT weights taken from the base checkpoint train (In-Place's w_down, the fast weight's
+    # initial state W^(0); moshi_ttt.ParamGroup.pretrained).
     train_w_down: bool = True
 
     def to_ttt_config(self) -> TTTConfig:

@@ -225,10 +225,11 @@ def param_table(model: nn.Module) -> str:
         total[g] += p.numel()
         if p.requires_grad:
             train[g] += p.numel()
-    rows = [f"{'group':<38} {'params':>14} {'trainable':>14}"]
+    w = max(map(len, labels.values()))  # the TTT variants name their own rows
+    rows = [f"{'group':<{w}} {'params':>14} {'trainable':>14}"]
     for k, label in labels.items():
-        rows.append(f"{label:<38} {total[k]:>14,} {train[k]:>14,}")
-    rows.append(f"{'total':<38} {sum(total.values()):>14,} {sum(train.values()):>14,}")
+        rows.append(f"{label:<{w}} {total[k]:>14,} {train[k]:>14,}")
+    rows.append(f"{'total':<{w}} {sum(total.values()):>14,} {sum(train.values()):>14,}")
     return "\n".join(rows)
 
 
