@@ -15,7 +15,10 @@ A variant **declares** (class attributes):
 - ``SLOW_PARAMS``: name prefixes of its slow weights (the layer's own MLP, possibly LoRA-wrapped);
 - ``MOSHI_KEYS``: TTT weights that moshi's own layout stores under another key (``w_down`` is
   ``linear_out.weight``), for exporting back to moshi;
-- ``GRAPH_STEPS``: whether it has a CUDA-graph-capturable streaming step (:class:`moshi_ttt.TTTLMGen`).
+- ``GRAPH_STEPS``: whether it has a CUDA-graph-capturable streaming step for :class:`moshi_ttt.TTTLMGen`
+  (then it implements ``_forward_graph_step`` and ``prepare_graph_step(pos)`` and its state keeps
+  ``pos_dev`` / ``graph_steps``, as :class:`moshi_ttt.gating.TTTGating` does); without one, a model
+  with that variant streams without CUDA graphs.
 
 A variant **implements**: ``_wrap`` (build from moshi's gating), :meth:`TTTLayer.init_new_parameters`,
 ``_forward_sequence`` (training: the whole sequence at once), ``_init_streaming_state`` (a
