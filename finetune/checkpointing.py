@@ -243,6 +243,18 @@ def load_checkpoint(
                 f"{path} holds a different set of trainable parameters (missing {missing[:5]}, extra "
                 f"{extra[:5]}): the finetune mode or freezing changed; start a new run_dir"
             )
+        changed = [
+            (n, tuple(t.shape), tuple(params[n].shape))
+            for n, t in saved.items()
+            if t.shape != params[n].shape
+        ]
+        if changed:
+            n, was, now = changed[0]
+            raise ValueError(
+                f"{path}: {len(changed)} trainable parameters changed shape, e.g. {n} {was} -> {now}: a "
+                "setting that shapes the model differs from the checkpoint's (for TTT-MLP, ttt.chunk_size "
+                "shapes token_offset); resume with the checkpoint's settings or start a new run_dir"
+            )
         with torch.no_grad():
             for n, t in saved.items():
                 params[n].copy_(t.to(params[n].dtype))

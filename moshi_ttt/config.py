@@ -42,6 +42,8 @@ class TTTConfig:
             ``eta`` its base inner learning rate; the conv/target settings do not apply).
         mlp_heads, mlp_expansion: heads of the TTT-MLP branch and the hidden size of each head's
             fast MLP as a multiple of the head dimension.
+        mlp_qk_norm: TTT-MLP: L2-normalise each head's queries and keys (ttt-video-dit does,
+            ttt-lm-pytorch does not).
     """
 
     chunk_size: int = 512
@@ -56,6 +58,7 @@ class TTTConfig:
     variant: str = "inplace"
     mlp_heads: int = 4
     mlp_expansion: int = 4
+    mlp_qk_norm: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -101,6 +104,8 @@ class TTTConfig:
         for name in ("mlp_heads", "mlp_expansion"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise bad(name, "must be an integer >= 1")
+        if not isinstance(self.mlp_qk_norm, bool):
+            raise bad("mlp_qk_norm", "must be true or false")
 
     def resolve_layers(self, num_layers: int) -> list[int]:
         """The main-transformer layer indices that become TTT layers in a model of ``num_layers``."""
