@@ -11,8 +11,8 @@ video). The inner loop is in :mod:`moshi_ttt.ops.mlp`. Per choice, with its sour
   residual beside the MLP: ``MLP(x) + tanh(alpha) * branch(x)``. ttt-lm-pytorch puts TTT in place of
   attention behind a pre-norm; ttt-video-dit adds it after attention through a per-channel
   ``tanh(alpha)`` gate. Moshi keeps its attention and MLP, so the branch is added, gated as in
-  ttt-video-dit (per channel), with ``alpha = 0`` at the start (ttt-video-dit starts it at a small
-  positive value): the model equals the base model at init while ``alpha`` receives gradient.
+  ttt-video-dit (per channel), with ``alpha = 0`` at the start (ttt-video-dit starts it at a configured
+  ``gating_alpha_init``): the model equals the base model at init while ``alpha`` receives gradient.
 - **Q, K, V.** Three bias-free linear maps of ``x`` split into ``mlp_heads`` heads of ``D = dim / heads``
   (ttt-lm-pytorch; ttt-video-dit adds biases). Neither reference's extras are used: ttt-lm-pytorch's
   RoPE by position inside the mini-batch (it rotates a key and a later query by different angles when
@@ -61,7 +61,7 @@ from .layer import ParamGroup, TTTLayer, TTTState, full_tensor
 from .ops.common import no_autocast
 from .ops.mlp import FastWeights, read_out, token_weights, ttt_mlp_chunked, ttt_mlp_piece
 
-POST_NORM_EPS = 1e-6  # both references' post-norm epsilon
+POST_NORM_EPS = 1e-6  # both references' post-norm epsilon (nn.LayerNorm(width, eps=1e-6))
 
 
 @dataclass

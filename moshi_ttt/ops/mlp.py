@@ -56,7 +56,7 @@ __all__ = [
     "ttt_mlp_reference",
 ]
 
-LN_EPS = 1e-6  # both references' inner LayerNorm epsilon
+LN_EPS = 1e-6  # ttt-lm-pytorch's inner LayerNorm epsilon
 _GELU_C = math.sqrt(2 / math.pi)
 
 
