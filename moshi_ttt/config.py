@@ -25,7 +25,9 @@ class TTTConfig:
         chunk_size: tokens (12.5 Hz frames for Moshi) per fast-weight update. Chunk ``i`` is computed
             with ``W^(i-1)``; its update only helps later chunks. 512 follows the paper's ablation.
         eta: the TTT learning rate in ``W^(i) = W^(i-1) + eta * V[i]^T Z[i]``. Its useful range
-            depends on the scale of ``Z`` and ``V``; sweep it on a log scale.
+            depends on the scale of ``Z`` and ``V``; sweep it on a log scale. For ``variant: mlp`` it
+            is the base inner learning rate: token ``t``'s rate is ``eta * sigmoid(x_t w + b) / head_dim``
+            (ttt-lm-pytorch's ``ttt_base_lr``, 1.0 there).
         conv_kernel_size: taps ``K`` of the target convolution; position ``t`` sees ``t .. t+K-1``
             inside its own chunk (zero padding at the chunk's right edge).
         conv_depthwise: one filter per channel (``d*K`` weights) instead of a full ``d x d x K`` conv.

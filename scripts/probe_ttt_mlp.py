@@ -4,8 +4,8 @@
     python scripts/probe_ttt_mlp.py [--steps 1500] [--eta 1.0] [--chunk 4] [--qk-norm] [--no-updates]
 
 Each sequence writes ``--pairs`` random key -> value associations, one per token (the token's input is
-the key's embedding plus the value's), then queries every key once, in a new order (the query token
-holds the key's embedding only); the model must name the value. Keys and values are drawn afresh per
+the key's embedding plus the value's), then ``--gap`` filler tokens, then queries every key once, in a
+new order (the query token holds the key's embedding only); the model must name the value. Keys and values are drawn afresh per
 sequence, so only what the layer's fast weights learned from the writes can answer: a layer with its
 updates off is at chance (``1 / num_values``). Queries start at a chunk boundary after the writes, so
 every answer crosses at least one inner update.
@@ -39,6 +39,7 @@ class Probe(nn.Module):
         d = args.dim
         self.key_emb = nn.Embedding(args.num_keys, d)
         self.val_emb = nn.Embedding(args.num_values, d)
+        self.pad_emb = nn.Parameter(torch.randn(d))
         lin_in, lin_out = nn.Linear(d, 2 * d, bias=False), nn.Linear(d, d, bias=False)
         nn.init.zeros_(lin_out.weight)
         lin_in.requires_grad_(False), lin_out.requires_grad_(False)
@@ -62,8 +63,10 @@ def batch(args: argparse.Namespace, model: Probe, B: int, g: torch.Generator):
     vals = torch.randint(0, args.num_values, (B, P), generator=g)
     order = torch.stack([torch.randperm(P, generator=g) for _ in range(B)])  # query order
     writes = model.key_emb(keys) + model.val_emb(vals)  # [B, P, d]
-    gap = (-P) % C  # queries start on a chunk boundary: each crosses at least one update
-    pad = torch.zeros(B, gap, args.dim)
+    gap = args.gap + (-(P + args.gap)) % C  # queries start on a chunk boundary after the filler
+    # Filler between writes and queries: one learned token, with noise (what every update in between
+    # sees, like the PAD stretches of the recall task); the layer must not overwrite what it stored.
+    pad = model.pad_emb.expand(B, gap, -1) + 0.1 * torch.randn(B, gap, args.dim, generator=g)
     q_keys = torch.gather(keys, 1, order)
     queries = model.key_emb(q_keys)
     x = torch.cat([writes, pad, queries], 1)
@@ -123,6 +126,7 @@ def main() -> None:
     p.add_argument("--num-keys", type=int, default=32)
     p.add_argument("--num-values", type=int, default=32)
     p.add_argument("--chunk", type=int, default=4)
+    p.add_argument("--gap", type=int, default=0, help="filler tokens between the writes and the queries")
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--qk-norm", action="store_true")
     p.add_argument("--gate-init", type=float, default=1.0)

@@ -198,6 +198,28 @@ def test_layer_streaming_in_uneven_pieces_equals_the_training_forward():
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+def test_layer_streaming_in_pieces_with_elements_at_different_chunk_positions():
+    # Element 0 is reset after 3 steps, so the two elements sit at different positions of their chunks;
+    # then element 1 skips a 6-step piece (exec_mask False), running past its chunk's end meanwhile.
+    layer = _layer(C=4)
+    x = torch.randn(2, 30, layer.dim)
+    outs = []
+    with torch.no_grad(), layer.streaming(2):
+        outs.append(layer(x[:, 0:3]))
+        layer.reset_streaming(torch.tensor([True, False]))
+        outs += [layer(x[:, 3:10]), layer(x[:, 10:11])]
+        layer._streaming_state.set_exec_mask(torch.tensor([True, False]))
+        outs.append(layer(x[:, 11:17]))
+        layer._streaming_state.set_exec_mask(torch.tensor([True, True]))
+        outs.append(layer(x[:, 17:30]))
+    got = torch.cat(outs, 1)
+    with torch.no_grad():
+        want0 = layer(x[:1, 3:])[0]
+        want1 = layer(torch.cat([x[1:, :11], x[1:, 17:]], 1))[0]
+    torch.testing.assert_close(got[0, 3:], want0, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.cat([got[1, :11], got[1, 17:]]), want1, atol=2e-5, rtol=1e-4)
+
+
 def test_state_and_inner_math_stay_float32_under_a_bfloat16_model():
     layer = _layer(C=4).to(torch.bfloat16)
     x = torch.randn(2, 9, layer.dim, dtype=torch.bfloat16)
