@@ -5,7 +5,10 @@
 
 Each sequence writes ``--pairs`` random key -> value associations, one per token (the token's input is
 the key's embedding plus the value's), then ``--gap`` filler tokens, then queries every key once, in a
-new order (the query token holds the key's embedding only); the model must name the value. Keys and values are drawn afresh per
+new order (the query token holds the key's embedding only); the model must name the value. With
+``--split`` a write is two tokens, the key's then the value's, and a learned map of the previous token is
+added to each token (what a previous-token attention head gives a TTT layer in a transformer), so the
+model must learn to bind them. Keys and values are drawn afresh per
 sequence, so only what the layer's fast weights learned from the writes can answer: a layer with its
 updates off is at chance (``1 / num_values``). Queries start at a chunk boundary after the writes, so
 every answer crosses at least one inner update.
@@ -51,9 +54,16 @@ class Probe(nn.Module):
             self.ttt.alpha.fill_(args.gate_init)  # the probe has nothing else: start with the gate open
         self.norm = nn.LayerNorm(d)
         self.readout = nn.Linear(d, args.num_values)
+        # --split: what attention would give the layer, each token plus a learned map of the one before.
+        self.prev = nn.Linear(d, d, bias=False) if args.split else None
+
+    def layer_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prev is None:
+            return x
+        return x + self.prev(F.pad(x, (0, 0, 1, 0))[:, :-1])  # [B, T, d]: token t sees t - 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.readout(self.norm(self.ttt(x)))
+        return self.readout(self.norm(self.ttt(self.layer_input(x))))
 
 
 def batch(args: argparse.Namespace, model: Probe, B: int, g: torch.Generator):
@@ -62,15 +72,19 @@ def batch(args: argparse.Namespace, model: Probe, B: int, g: torch.Generator):
     keys = torch.stack([torch.randperm(args.num_keys, generator=g)[:P] for _ in range(B)])  # [B, P]
     vals = torch.randint(0, args.num_values, (B, P), generator=g)
     order = torch.stack([torch.randperm(P, generator=g) for _ in range(B)])  # query order
-    writes = model.key_emb(keys) + model.val_emb(vals)  # [B, P, d]
-    gap = args.gap + (-(P + args.gap)) % C  # queries start on a chunk boundary after the filler
+    if args.split:  # the key's token, then the value's: the layer must bind them across tokens
+        writes = torch.stack([model.key_emb(keys), model.val_emb(vals)], 2).flatten(1, 2)  # [B, 2P, d]
+    else:
+        writes = model.key_emb(keys) + model.val_emb(vals)  # [B, P, d]
+    W = writes.shape[1]
+    gap = args.gap + (-(W + args.gap)) % C  # queries start on a chunk boundary after the filler
     # Filler between writes and queries: one learned token, with noise (what every update in between
     # sees, like the PAD stretches of the recall task); the layer must not overwrite what it stored.
     pad = model.pad_emb.expand(B, gap, -1) + 0.1 * torch.randn(B, gap, args.dim, generator=g)
     q_keys = torch.gather(keys, 1, order)
     queries = model.key_emb(q_keys)
     x = torch.cat([writes, pad, queries], 1)
-    return x, torch.gather(vals, 1, order), P + gap
+    return x, torch.gather(vals, 1, order), W + gap
 
 
 def evaluate(args, model, g, updates: bool) -> float:
@@ -93,13 +107,14 @@ def inner_losses(args, model, g) -> list[tuple[float, float]]:
     layer = model.ttt
     with torch.no_grad():
         x, _, _ = batch(args, model, args.batch, g)
-        xq, xk, xv, lr = layer.projections(x)
+        xq, xk, xv, lr = layer.projections(model.layer_input(x))
+        n = 2 * args.pairs if args.split else args.pairs  # write tokens
         lw, lb = layer.ln_weight.float(), layer.ln_bias.float()
         tau = token_weights(layer.token_offset.float())
         w = FastWeights.expand(layer._init(), x.shape[0])
         out = []
-        for s in range(0, args.pairs, args.chunk):
-            sl = slice(s, min(s + args.chunk, args.pairs))
+        for s in range(0, n, args.chunk):
+            sl = slice(s, min(s + args.chunk, n))
             k, v = xk[:, :, sl], xv[:, :, sl]
             before = _loss(w, k, v, lw, lb)
             _, acc = ttt_mlp_piece(w, None, xq[:, :, sl], k, v, lr[:, :, sl], tau[: k.shape[2]], lw, lb)
@@ -127,6 +142,7 @@ def main() -> None:
     p.add_argument("--num-values", type=int, default=32)
     p.add_argument("--chunk", type=int, default=4)
     p.add_argument("--gap", type=int, default=0, help="filler tokens between the writes and the queries")
+    p.add_argument("--split", action="store_true", help="key and value in consecutive tokens (see above)")
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--qk-norm", action="store_true")
     p.add_argument("--gate-init", type=float, default=1.0)
