@@ -108,25 +108,9 @@ def build_datasets(cfg: TrainConfig, model) -> tuple[Any, Any]:
         evals = SyntheticCodes(cfg.data.synthetic.num_eval, seed=cfg.seed + 7919, **common)
         return train, evals
     if cfg.data.source == "recall":
-        from .data.recall import RecallTask
+        from .data.recall import recall_datasets
 
-        r = cfg.data.recall
-        context = model.transformer.layers[0].self_attn.context
-        receptive = len(model.transformer.layers) * (context - 1)  # stacked windows reach this far
-        common = dict(
-            num_frames=cfg.data.num_frames,
-            context=context,
-            far_min=receptive + 2,
-            num_keys=r.num_keys,
-            num_values=r.num_values,
-            pairs=r.pairs,
-            text_card=model.text_card,
-            text_padding_id=model.text_padding_token_id,
-            n_q=model.n_q,
-        )
-        return RecallTask(r.num_train, seed=cfg.seed, **common), RecallTask(
-            r.num_eval, seed=cfg.seed + 7919, **common
-        )
+        return recall_datasets(cfg, model)
     from .data.build import conversation_datasets
 
     return conversation_datasets(cfg, model)
