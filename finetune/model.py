@@ -97,7 +97,7 @@ def _materialise(model: nn.Module, device: torch.device) -> None:
                 continue
             full = f"{mod_name}.{name}" if mod_name else name
             new = torch.empty(p.shape, dtype=p.dtype, device=device)
-            if isinstance(module, TTTGating) and name == "target_conv":
+            if isinstance(module, TTTGating) and name in ("target_conv", "write_gate_w", "write_gate_b"):
                 new.zero_()
             elif isinstance(module, TTTGating) and name == "target_proj":
                 new.copy_(torch.eye(p.shape[0], dtype=p.dtype))
@@ -148,7 +148,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> BuiltModel:
             raise ValueError(
                 f"{weights} does not match the architecture in the model config (check model.config_path): {e}"
             ) from e
-        new_ttt = ("target_conv", "target_proj") + TTTMLPGating.TTT_PARAMS
+        new_ttt = ("target_conv", "target_proj", "write_gate_w", "write_gate_b") + TTTMLPGating.TTT_PARAMS
         allowed = tuple(f".gating.{n}" for n in new_ttt) + ("lora_A.weight", "lora_B.weight")
         bad_missing = [k for k in res.missing_keys if not k.endswith(allowed)]
         if res.unexpected_keys or bad_missing:

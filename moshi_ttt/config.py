@@ -56,6 +56,7 @@ class TTTConfig:
     variant: str = "inplace"
     mlp_heads: int = 4
     mlp_expansion: int = 4
+    write_gate: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -96,6 +97,8 @@ class TTTConfig:
             raise bad("fast_form", f"must be one of {', '.join(FAST_FORMS)}")
         if self.variant not in VARIANTS:
             raise bad("variant", f"must be one of {', '.join(VARIANTS)}")
+        if not isinstance(self.write_gate, bool):
+            raise bad("write_gate", "must be true or false")
         for name in ("mlp_heads", "mlp_expansion"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise bad(name, "must be an integer >= 1")

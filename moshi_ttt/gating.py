@@ -100,6 +100,11 @@ class TTTGating(StreamingModule[_TTTState]):
         K = config.conv_kernel_size
         self.target_conv = nn.Parameter(torch.zeros(d, 1 if config.conv_depthwise else d, K, **factory))
         self.target_proj = nn.Parameter(torch.empty(d, d, **factory))
+        if config.write_gate:
+            # Per-token write strength g_t = 2 sigmoid(src_t . w + b), 1 at init (w = b = 0).
+            self.write_gate_w = nn.Parameter(torch.zeros(d, **factory))
+            self.write_gate_b = nn.Parameter(torch.zeros(1, **factory))
+            self.TTT_PARAMS = type(self).TTT_PARAMS + ("write_gate_w", "write_gate_b")
         self.reset_target_parameters()
         self.freeze_updates = False  # streaming: keep the fast weights at W^(0) (to compare with/without TTT)
         self.graph_mode = False  # streaming: capturable one-step path, set by moshi_ttt.TTTLMGen per step
@@ -124,6 +129,9 @@ class TTTGating(StreamingModule[_TTTState]):
         """Zero conv and identity projection: V = 0 (base model) with a live gradient path."""
         with torch.no_grad():
             self.target_conv.zero_()
+            if self.config.write_gate:
+                self.write_gate_w.zero_()
+                self.write_gate_b.zero_()
             if self.target_proj.device.type != "meta":
                 self.target_proj.copy_(torch.eye(self.dim, dtype=self.target_proj.dtype))
 
@@ -174,7 +182,11 @@ class TTTGating(StreamingModule[_TTTState]):
         groups = D if self.config.conv_depthwise else 1
         y = F.conv1d(x, self.target_conv.to(x.dtype), groups=groups)  # [B n, D, L]
         y = y.transpose(1, 2).reshape(B, n * L, D)[:, :T]
-        return F.linear(y, self.target_proj.to(y.dtype))
+        v = F.linear(y, self.target_proj.to(y.dtype))
+        if self.config.write_gate:
+            g = 2 * torch.sigmoid(F.linear(src, self.write_gate_w.to(src.dtype)[None], self.write_gate_b.to(src.dtype)))
+            v = v * g  # [B, T, d] * [B, T, 1]
+        return v
 
     def _check_src(self, x: torch.Tensor, src: torch.Tensor | None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.dim:
