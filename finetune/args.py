@@ -125,6 +125,11 @@ class DataArgs:
     mimi_config: str | None = None  # JSON, for a non-default Mimi (e.g. the tiny one)
     cache_dir: str | None = None
     duration_sec: float = 8.0  # window length; 12.5 frames per second
+    # When a word starts while the previous word's tokens are still being written: drop their rest
+    # (moshi-finetune's rule, the grids Kyutai fine-tuned with) or delay the new word until they are
+    # written (moshi-finetune's keep_and_shift). See finetune/data/interleave.py.
+    text_overlap: Literal["drop", "delay"] = "drop"
+    shuffle: bool = True  # a new random order of the windows every epoch; false: manifest order
     num_workers: int = 0
     synthetic: SyntheticDataArgs = field(default_factory=SyntheticDataArgs)
     recall: RecallDataArgs = field(default_factory=RecallDataArgs)

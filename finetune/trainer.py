@@ -305,7 +305,14 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
     base.train()
     logger.info("trainable parameters (finetune=%s):\n%s", cfg.finetune, param_table(base))
     train_set, eval_set = build_datasets(cfg, base)
-    plan = BatchPlan(len(train_set), cfg.batch_size, dist_info.rank, dist_info.world_size, seed=cfg.seed)
+    plan = BatchPlan(
+        len(train_set),
+        cfg.batch_size,
+        dist_info.rank,
+        dist_info.world_size,
+        seed=cfg.seed,
+        shuffle=cfg.data.shuffle,
+    )
     if eval_set is not None:  # a too-small held-out set fails now, not at the first evaluation
         eval_plan(len(eval_set), cfg.batch_size, dist_info.rank, dist_info.world_size)
     loader = ResumableLoader(train_set, plan, num_workers=cfg.data.num_workers)

@@ -57,6 +57,7 @@ def conversation_datasets(cfg, model):
         text_padding_id=model.text_padding_token_id,
         end_of_text_padding_id=model.end_of_text_padding_id,
         zero_token_id=model.zero_token_id,
+        overlap=cfg.data.text_overlap,
     )
     source = CodeSource(mimi, mimi_config, num_codebooks, cfg.data.cache_dir)
     train = ConversationDataset(read_manifest(cfg.data.train), cfg.data.num_frames, interleaver, source)
