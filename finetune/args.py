@@ -59,6 +59,8 @@ class LoraArgs:
 
     rank: int = 64
     scaling: float = 2.0
+    # Also train the embedding tables in full (moshi-finetune's lora.ft_embed); exports then carry them.
+    train_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -67,15 +69,20 @@ class LoraArgs:
 
 @dataclass
 class OptimArgs:
-    """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``."""
+    """AdamW; ``schedule: cosine`` is linear warmup then cosine decay to ``min_lr_ratio * lr``,
+    ``onecycle`` is moshi-finetune's schedule (torch's ``OneCycleLR``): cosine rise from ``lr / 25``
+    to ``lr`` over the first ``pct_start`` of the steps, cosine decay to ``lr / 25 / 1e4``, and Adam's
+    beta1 cycled 0.95 -> 0.85 -> 0.95 against it (``betas[0]`` is then unused)."""
 
     lr: float = 1e-4
     ttt_lr: float | None = None  # lr of the TTT parameters (w_down, target path); null: lr
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
+    schedule: Literal["cosine", "onecycle"] = "cosine"
+    warmup_steps: int = 10  # cosine
+    min_lr_ratio: float = 0.1  # cosine
+    pct_start: float = 0.05  # onecycle
     max_grad_norm: float = 1.0  # global norm over all ranks; <= 0 disables clipping
 
     def __post_init__(self) -> None:
@@ -87,6 +94,8 @@ class OptimArgs:
             raise ConfigError(f"optim.warmup_steps: must be >= 0 (got {self.warmup_steps})")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1] (got {self.min_lr_ratio})")
+        if not 0 < self.pct_start < 1:
+            raise ConfigError(f"optim.pct_start: must be in (0, 1) (got {self.pct_start})")
 
 
 @dataclass
@@ -151,7 +160,9 @@ class LossArgs:
 
     text_weight: float = 1.0
     audio_weight: float = 1.0
-    first_codebook_weight: float = 1.0  # multiplier of the semantic codebook's CE (moshi-finetune: 100)
+    # Multiplier of the semantic (first) codebook's CE: 100 as in moshi-finetune's example config,
+    # the setting Kyutai recommends for fine-tuning Moshi (moshi-finetune's code default is 1).
+    first_codebook_weight: float = 100.0
     text_padding_weight: float = 0.5  # weight of PAD / end-of-padding text targets
 
 

@@ -36,6 +36,7 @@ from torch import nn
 from moshi_ttt import save_ttt_weights, to_moshi_state_dict, ttt_info, ttt_state_dict
 
 from .distributed import DistInfo, barrier
+from .model import embedding_params
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ def export_moshi(
         sd = model.state_dict() if state_dict is None else state_dict
     lora = {k: v for k, v in sd.items() if ".lora_A." in k or ".lora_B." in k}
     base = {k.replace(".frozen_W.", "."): v for k, v in sd.items() if k not in lora}
+    if cfg.finetune == "lora" and cfg.lora.train_embeddings:  # trained tables go with the adapters
+        lora.update({k: base[k] for k in embedding_params(model) if k in base})
     config = dict(raw_config)
     dtype = torch.bfloat16 if cfg.model.source != "tiny" else torch.float32
     if cfg.finetune == "lora":

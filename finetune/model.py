@@ -183,12 +183,18 @@ def param_groups(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def embedding_params(model: nn.Module) -> set[str]:
+    """Names of the embedding tables' weights (text and audio, main model and depformer)."""
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+
+
 def set_trainable(model: nn.Module, cfg: TrainConfig) -> None:
     """requires_grad per ``finetune`` mode, ``ttt.freeze_slow_weights`` and ``ttt.train_w_down``
     (which applies to the TTT weights taken from the base checkpoint: In-Place TTT's ``w_down``)."""
     freeze_slow = cfg.freeze_slow_weights
     groups = param_groups(model)
     ttt_groups = ttt_param_groups()
+    embeddings = embedding_params(model) if cfg.lora.train_embeddings else set()
     for name, p in model.named_parameters():
         group = groups[name]
         if group in ttt_groups:
@@ -203,7 +209,7 @@ def set_trainable(model: nn.Module, cfg: TrainConfig) -> None:
         elif cfg.finetune == "full":
             train = True
         elif cfg.finetune == "lora":
-            train = group == "lora"
+            train = group == "lora" or name in embeddings
         else:  # ttt_only
             train = False
         p.requires_grad_(train)
