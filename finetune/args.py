@@ -35,6 +35,11 @@ class ModelArgs:
     config_path: str | None = None
     tiny: dict[str, Any] = field(default_factory=dict)
     gradient_checkpointing: bool = False
+    # Start from a fine-tuned checkpoint in moshi's layout: moshi-finetune's
+    # checkpoints/checkpoint_NNNNNN/consolidated/ (its lora.safetensors is merged into the base above;
+    # a consolidated.safetensors replaces it, architecture from its config.json) or this project's
+    # moshi/ export. TTT layers then take w_down from the fine-tuned linear_out.
+    init_from: str | None = None
 
 
 @dataclass
@@ -245,7 +250,15 @@ class TrainConfig:
             raise ConfigError(
                 "data.train: the path of a .jsonl manifest is required when data.source is manifest"
             )
-        if self.model.source == "local" and not (self.model.config_path and self.model.moshi_weights):
+        if self.model.init_from and self.model.source == "tiny":
+            raise ConfigError(
+                "model.init_from: set model.source to hf or local, the base model the checkpoint was fine-tuned from"
+            )
+        if (
+            self.model.source == "local"
+            and not self.model.init_from
+            and not (self.model.config_path and self.model.moshi_weights)
+        ):
             raise ConfigError(
                 "model.source local needs model.config_path (config.json) and model.moshi_weights"
             )
@@ -281,6 +294,9 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    from .mf_compat import refuse_moshi_finetune_keys
+
+    refuse_moshi_finetune_keys(data, overrides, path, TrainConfig)
     if overrides:
         data = apply_overrides(data, overrides)
     try:

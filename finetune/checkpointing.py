@@ -87,8 +87,9 @@ def export_moshi(
 ) -> None:
     """Write ``config.json`` + weights in moshi's own layout (``CheckpointInfo`` loads them).
 
-    LoRA runs write ``lora.safetensors`` (and, for the tiny random-weight base, the base weights as
-    ``model.safetensors``); full fine-tuning writes the whole model. TTT layers export ``w_down`` as
+    LoRA runs write ``lora.safetensors`` (and, when the base is not a Hub checkpoint's own weights: the
+    tiny random-weight base or a ``model.init_from`` start, the base weights as ``model.safetensors``);
+    full fine-tuning writes the whole model. TTT layers export ``w_down`` as
     ``linear_out.weight`` (the model with updates off; ``ttt.safetensors`` restores TTT).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +113,7 @@ def export_moshi(
         save_file(
             {k: v.to(dtype).contiguous().cpu() for k, v in lora.items()}, str(out_dir / "lora.safetensors")
         )
-    if cfg.finetune != "lora" or cfg.model.source == "tiny":
+    if cfg.finetune != "lora" or cfg.model.source == "tiny" or cfg.model.init_from is not None:
         config["moshi_name"] = "model.safetensors"
         save_file(
             {k: v.to(dtype).contiguous().cpu() for k, v in base.items()}, str(out_dir / "model.safetensors")

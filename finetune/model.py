@@ -27,6 +27,8 @@ from moshi_ttt.tiny import tiny_lm_kwargs
 from moshi_ttt.variants import param_groups as ttt_param_groups
 
 from .args import TrainConfig
+from .mf_compat import init_from_files, init_state, merged_config
+from .schema import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,15 @@ def resolve_base(cfg: TrainConfig) -> tuple[dict[str, Any], str | None]:
     m = cfg.model
     if m.source == "tiny":
         return tiny_lm_kwargs(**m.tiny), None
+    if m.init_from is not None:  # a whole fine-tuned model replaces the base (architecture included)
+        init = init_from_files(m.init_from)
+        if init.full is not None:
+            return merged_config(init), str(init.full)
+        if m.source == "local" and not (m.config_path and m.moshi_weights):
+            raise ConfigError(
+                f"model.init_from: {init.directory} holds LoRA adapters only; give the base they were trained "
+                "on (model.config_path and model.moshi_weights, or model.source: hf)"
+            )
     if m.source == "local":
         config_path, weights = Path(m.config_path), m.moshi_weights
     else:
@@ -134,6 +145,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> BuiltModel:
             _init_lora(model)
     if weights is not None:
         state = load_file(weights)
+        if cfg.model.init_from is not None:
+            state = init_state(cfg.model.init_from, raw_config, state, CONFIG_META_KEYS)
         dtype = next(p for p in model.parameters()).dtype
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         try:

@@ -274,7 +274,7 @@ def _absolute_paths(cfg: TrainConfig) -> None:
     """Existing relative file paths become absolute, so a saved config works from any directory."""
     for section, keys in (
         (cfg.data, ("train", "eval", "tokenizer", "mimi_weights", "mimi_config", "cache_dir")),
-        (cfg.model, ("config_path", "moshi_weights")),
+        (cfg.model, ("config_path", "moshi_weights", "init_from")),
     ):
         for key in keys:
             value = getattr(section, key)
