@@ -195,6 +195,7 @@ class Conversion:
     unmapped: list[str] = field(default_factory=list)  # "mf.key: why"
     differs: list[str] = field(default_factory=list)  # behaviour that is not the same
     added: list[str] = field(default_factory=list)  # settings moshi-finetune has no key for
+    warnings: list[str] = field(default_factory=list)  # to check in the output (paths not found)
 
     def set(self, key: str, value: Any) -> None:
         node = self.config
@@ -206,6 +207,7 @@ class Conversion:
     def report(self) -> str:
         parts = []
         for title, lines in (
+            ("CHECK", self.warnings),
             ("mapped", self.mapped),
             ("not mapped", self.unmapped),
             ("behaves differently here", self.differs),
@@ -237,9 +239,7 @@ def _manifest(value: str, key: str, root: Path, conv: Conversion) -> str | None:
             "them into one .jsonl (repeat lines to weight a source) and set data.train"
         )
         return None
-    path, _, weight = sources[0].partition(":")
-    if weight and not path.endswith(".jsonl") and not Path(path).exists():
-        path = sources[0]  # a path that contains ':' itself
+    path = sources[0].split(":")[0]  # "path[:weight]"; one source's weight changes nothing
     resolved, found = _resolve_path(path, root)
     if found and resolved and Path(resolved).is_dir():
         files = sorted(Path(resolved).rglob("*jsonl"))
@@ -251,7 +251,7 @@ def _manifest(value: str, key: str, root: Path, conv: Conversion) -> str | None:
             return None
         resolved = str(files[0])
     if not found:
-        conv.differs.append(
+        conv.warnings.append(
             f"{key}: {path} does not exist from {root} (relative paths are resolved from --mf-root, "
             "where moshi-finetune ran); fix the path in the output"
         )
@@ -319,7 +319,7 @@ def convert(mf: dict[str, Any], *, mf_root: str | Path = ".", cache_dir: str | N
     }
     for k, (p, found) in paths.items():
         if not found:
-            conv.differs.append(
+            conv.warnings.append(
                 f"moshi_paths.{k}: {p} does not exist from {root}; fix the path in the output"
             )
     repo = v["moshi_paths.hf_repo_id"]
@@ -362,7 +362,7 @@ def convert(mf: dict[str, Any], *, mf_root: str | Path = ".", cache_dir: str | N
     if not v["data.train_data"]:
         raise ConfigError("data.train_data: empty in the moshi-finetune config; nothing to train on")
     if train is None:
-        raise ConfigError("data.train_data: cannot be mapped (see above): " + conv.unmapped[-1])
+        raise ConfigError(conv.unmapped[-1])
     mapped("data.train_data", "data.train", train)
     if v["do_eval"]:
         if v["data.eval_data"]:
@@ -385,7 +385,7 @@ def convert(mf: dict[str, Any], *, mf_root: str | Path = ".", cache_dir: str | N
             "data.shuffle: the windows are reshuffled every epoch as there, but by another shuffler, so the "
             "order differs (false keeps the manifest order, the same order as there)"
         )
-    frames = math.ceil(float(v["duration_sec"]) * 12.5 - 1e-9)
+    frames = math.ceil(float(v["duration_sec"]) * 12.5)  # as moshi-finetune computes its window length
     seconds = frames / 12.5
     mapped("duration_sec", "data.duration_sec", seconds, f"{frames} frames of 80 ms")
     if not math.isclose(seconds, float(v["duration_sec"])):
