@@ -254,6 +254,8 @@ class TrainConfig:
             raise ConfigError(
                 "model.init_from: set model.source to hf or local, the base model the checkpoint was fine-tuned from"
             )
+        if self.model.init_from and not Path(self.model.init_from).expanduser().exists():
+            raise ConfigError(f"model.init_from: {self.model.init_from} does not exist")
         if (
             self.model.source == "local"
             and not self.model.init_from

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -508,7 +509,7 @@ def init_from_files(path: str | Path) -> InitFrom:
     return InitFrom(d, config, full, lora)
 
 
-def architecture(config: dict[str, Any], meta_keys) -> dict[str, Any]:
+def architecture(config: dict[str, Any], meta_keys: Collection[str]) -> dict[str, Any]:
     """The LMModel arguments of a moshi config.json (file names, generation and LoRA keys left out)."""
     return {k: v for k, v in config.items() if k not in meta_keys and k not in _LORA_CONFIG_KEYS}
 
@@ -566,7 +567,10 @@ def merge_lora(
 
 
 def init_state(
-    init_from: str | Path, base_config: dict[str, Any], state: dict[str, torch.Tensor], meta_keys
+    init_from: str | Path,
+    base_config: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    meta_keys: Collection[str],
 ) -> dict[str, torch.Tensor]:
     """The weights to start from: ``state`` (the base, or the checkpoint's whole model) with the
     checkpoint's adapters merged, after checking they were trained on this architecture."""
