@@ -51,8 +51,12 @@ class LoadedModel:
 
 
 def load_checkpoint_model(
-    path: str | Path, device: str | torch.device = "cpu", with_codec: bool = True
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    with_codec: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> LoadedModel:
+    """The checkpoint's model (LM in ``dtype``: default bf16 on GPU, fp32 on CPU), tokenizer and Mimi."""
     from moshi.models import loaders
 
     from .data.audio import load_mimi
@@ -66,7 +70,8 @@ def load_checkpoint_model(
             f"{ckpt} has no moshi export (moshi/config.json): it was trained with checkpoint.export_moshi: false"
         )
     device = torch.device(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model_file = export / "model.safetensors"
     lora_file = export / "lora.safetensors"
     hf_repo = cfg.model.hf_repo if cfg.model.source == "hf" else "local/none"
@@ -120,6 +125,15 @@ def read_user_audio(path: str | Path, channel: str = "auto") -> np.ndarray:
         f"{path} has {channels} channel(s): expected mono user speech, or a stereo conversation (left: Moshi, "
         "right: the user, which is what is fed); use --channel left/right to choose"
     )
+
+
+def set_ttt_updates(lm: torch.nn.Module, enabled: bool) -> int:
+    """Turn the streaming fast-weight updates of every TTT layer on or off (off: the fast weights stay
+    at W^(0), the same weights without test-time training). Returns the number of TTT layers."""
+    gatings = ttt_gatings(lm)
+    for g in gatings.values():
+        g.freeze_updates = not enabled
+    return len(gatings)
 
 
 @dataclass
