@@ -190,10 +190,11 @@ class SlotBatch:
 class _Conversation:
     """One connection holding a slot: its Opus codecs, audio not yet stepped and its outbox."""
 
-    def __init__(self, slot: int, sample_rate: int, frame_size: int, peer: str) -> None:
+    def __init__(self, slot: int, sample_rate: int, frame_size: int, ws, transport, peer: str) -> None:
         import sphn
 
         self.slot, self.peer, self.frame_size = slot, peer, frame_size
+        self.ws, self.transport = ws, transport
         self.reader = sphn.OpusStreamReader(sample_rate)
         self.writer = sphn.OpusStreamWriter(sample_rate)
         self.frames: collections.deque[np.ndarray] = collections.deque()
@@ -240,7 +241,7 @@ class ConversationServer:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="moshi-ttt-serve")
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
-        self._sockets: set = set()
+        self._hangups: set[asyncio.Task] = set()
         self.steps = 0
         self.step_ms: collections.deque[float] = collections.deque(maxlen=1000)
 
@@ -251,9 +252,9 @@ class ConversationServer:
 
     async def stop(self) -> None:
         """Close every connection, stop the batch loop, release the model's streaming state."""
-        for ws in list(self._sockets):
+        for conv in [c for c in self.slots if c is not None]:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.close(code=1001, message=b"server shutting down"), 2.0)
+                await asyncio.wait_for(conv.ws.close(code=1001, message=b"server shutting down"), 2.0)
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -269,10 +270,13 @@ class ConversationServer:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # ------------------------------------------------------------------ batch loop
-    def _take_slot(self, peer: str) -> _Conversation | None:
+    def _take_slot(self, ws, request) -> _Conversation | None:
         for i, c in enumerate(self.slots):
             if c is None:
-                conv = _Conversation(i, self.batch.sample_rate, self.batch.frame_size, peer)
+                b = self.batch
+                conv = _Conversation(
+                    i, b.sample_rate, b.frame_size, ws, request.transport, request.remote or "?"
+                )
                 self.slots[i] = conv
                 return conv
         return None
@@ -351,7 +355,7 @@ class ConversationServer:
 
     # ------------------------------------------------------------------ websocket side
     def _fail(self, conv: _Conversation, message: str, code: int) -> None:
-        """End ``conv`` with an error message (sent after what its outbox already holds)."""
+        """End ``conv``: its slot is free at once; the client gets the error message, then a close."""
         if conv.closed:
             return
         logger.warning("slot %d (%s): %s", conv.slot, conv.peer, message)
@@ -360,22 +364,30 @@ class ConversationServer:
             conv.outbox.get_nowait()
         conv.close_code, conv.close_reason = code, message
         conv.outbox.put_nowait(_error_message(message))
-        conv.outbox.put_nowait(None)
+        conv.outbox.put_nowait(None)  # the send loop sends the error, then closes
+        task = asyncio.get_running_loop().create_task(self._hang_up(conv))
+        self._hangups.add(task)
+        task.add_done_callback(self._hangups.discard)
+
+    async def _hang_up(self, conv: _Conversation, grace_s: float = 5.0) -> None:
+        """A client that reads nothing cannot take the error or the close either: cut it off."""
+        await asyncio.sleep(grace_s)
+        if not conv.ws.closed and conv.transport is not None:
+            conv.transport.abort()
 
     async def handle_chat(self, request):
         from aiohttp import web
 
         ws = web.WebSocketResponse()
         await ws.prepare(request)
-        peer = request.remote or "?"
-        conv = self._take_slot(peer)
+        conv = self._take_slot(ws, request)
         if conv is None:
             msg = f"all {self.batch.batch_size} conversation slots are busy; try again later"
-            logger.info("refused %s: %s", peer, msg)
+            logger.info("refused %s: %s", request.remote, msg)
             await _close_with_error(ws, msg, CLOSE_BUSY)
             return ws
+        peer = conv.peer
         logger.info("slot %d: %s connected (%d/%d busy)", conv.slot, peer, self.busy_slots(), len(self.slots))
-        self._sockets.add(ws)
         conv.outbox.put_nowait(bytes([KIND_HANDSHAKE]))
         sender = asyncio.create_task(self._send_loop(ws, conv))
         try:
@@ -385,17 +397,14 @@ class ConversationServer:
             conv.outbox.put_nowait(None)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(sender, 5.0)
-            if not sender.done():
-                sender.cancel()
-            self._sockets.discard(ws)
             if not ws.closed:
                 try:
                     await asyncio.wait_for(
                         ws.close(code=conv.close_code or 1000, message=_reason(conv.close_reason)), 2.0
                     )
                 except Exception:  # a peer that reads nothing cannot take a close frame either
-                    if request.transport is not None:
-                        request.transport.abort()
+                    if conv.transport is not None:
+                        conv.transport.abort()
             logger.info(
                 "slot %d: %s left after %d frames (%.1f s)",
                 conv.slot,

@@ -21,6 +21,7 @@ from finetune.inference import read_user_audio
 from finetune.serve import (
     CLOSE_BAD_INPUT,
     CLOSE_BUSY,
+    CLOSE_POLICY,
     KIND_AUDIO,
     KIND_ERROR,
     KIND_HANDSHAKE,
@@ -42,9 +43,9 @@ def voices(tiny_ds):
 
 
 @contextlib.asynccontextmanager
-async def serving(ckpt, batch_size: int, greedy: bool = True, **kw):
+async def serving(ckpt, batch_size: int, greedy: bool = True, static: str | None = None, **kw):
     server = build_server(ckpt, batch_size=batch_size, greedy=greedy, warmup=False, **kw)
-    runner = web.AppRunner(make_app(server, None))
+    runner = web.AppRunner(make_app(server, static))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -288,9 +289,44 @@ def test_bad_input_closes_only_that_connection(tiny_ckpt, voices):
     assert busy_after == 0
 
 
-def test_static_modes(tmp_path):
+def test_replies_piling_up_end_that_conversation(tiny_ckpt, voices):
+    """A client that does not read its replies is disconnected with a message once more than
+    max_outbox wait (0 here, so at the first reply), and its slot is free again."""
+
+    async def main():
+        async with serving(tiny_ckpt, 1, max_outbox=0) as (server, url):
+            writer = sphn.OpusStreamWriter(SR)
+            pages = b"".join(writer.append_pcm(voices[0][f * FRAME : (f + 1) * FRAME]) for f in range(3))
+            reply = await bad_client(url, bytes([KIND_AUDIO]) + pages)
+            await wait_free(server)
+            return reply
+
+    reply = asyncio.run(main())
+    assert reply.close_code == CLOSE_POLICY and not reply.text
+    assert reply.errors == ["the client does not read what the server sends; disconnecting"]
+
+
+def test_static_web_ui_and_cli_errors(tiny_ckpt, tmp_path):
+    from finetune.serve import main as serve_main
+
     assert resolve_static("none") is None
     with pytest.raises(FileNotFoundError, match="no index.html there"):
         resolve_static(str(tmp_path))
-    (tmp_path / "index.html").write_text("<html>moshi</html>")
+    (tmp_path / "index.html").write_text("<html>moshi web UI</html>")
+    (tmp_path / "app.js").write_text("console.log('ok')")
     assert resolve_static(str(tmp_path)) == str(tmp_path)
+
+    async def main():
+        async with serving(tiny_ckpt, 1, static=str(tmp_path)) as (_, url):
+            base = url.replace("ws://", "http://").removesuffix("/api/chat")
+            async with aiohttp.ClientSession() as session:
+                async with session.get(base + "/") as r:
+                    index = (r.status, await r.text())
+                async with session.get(base + "/app.js") as r:
+                    asset = (r.status, await r.text())
+        return index, asset
+
+    index, asset = asyncio.run(main())
+    assert index == (200, "<html>moshi web UI</html>") and asset == (200, "console.log('ok')")
+    assert serve_main([str(tmp_path / "nope"), "--static", "none"]) == 2
+    assert serve_main([str(tiny_ckpt), "--static", str(tmp_path / "missing")]) == 2
