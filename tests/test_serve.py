@@ -160,6 +160,68 @@ def _frames(audio, server) -> int:
     return len(audio) // FRAME - server.batch.max_delay  # LMGen's output lags by max_delay frames
 
 
+def _slot_schedule(batch, jobs: dict, p_active: float, seed: int) -> dict:
+    """Drive a SlotBatch directly: ``jobs[slot]`` is a list of conversations (audio) taken one after
+    another in that slot (the slot reset in between, as for a new caller); at each step a slot with
+    audio left runs with probability ``p_active``. Returns each conversation's text tokens and voice,
+    keyed by (slot, index in jobs[slot])."""
+    rng = np.random.default_rng(seed)
+    B, F = batch.batch_size, batch.frame_size
+    todo = {s: list(enumerate(convs)) for s, convs in jobs.items()}
+    now: dict = {}  # slot -> (key, audio frames, frames sent)
+    out: dict = {}
+    while True:
+        reset = np.zeros(B, dtype=bool)
+        for s in todo:
+            if (s not in now or now[s][2] == len(now[s][1])) and todo[s]:
+                i, audio = todo[s].pop(0)
+                now[s] = ((s, i), audio.reshape(-1, F), 0)
+                out[(s, i)] = ([], [])
+                reset[s] = True
+        if not reset.any() and all(sent == len(frames) for _, frames, sent in now.values()):
+            break
+        if reset.any():
+            batch.reset(reset)
+        pcm = np.zeros((B, F), dtype=np.float32)
+        active, first = np.zeros(B, dtype=bool), np.zeros(B, dtype=bool)
+        for s, (key, frames, sent) in now.items():
+            if sent < len(frames) and rng.random() < p_active:
+                pcm[s], active[s], first[s] = frames[sent], True, sent == 0
+                now[s] = (key, frames, sent + 1)
+        if active.any():
+            res = batch.step(pcm, active, first)
+            for s, (key, _, _) in now.items():
+                if res.valid[s]:
+                    out[key][0].append(int(res.text[s]))
+                    out[key][1].append(res.pcm[s])
+    return {k: (t, np.concatenate(v)) for k, (t, v) in out.items()}
+
+
+def test_slot_batch_masks_and_resets_keep_slots_independent(tiny_ckpt, voices, tiny_ds):
+    """At the model level: random exec masks (slots stepping at random moments), a slot reset for a
+    new caller while the other slot is mid-conversation; each conversation equals itself alone."""
+    from finetune.inference import load_checkpoint_model
+    from finetune.serve import SlotBatch
+
+    loaded = load_checkpoint_model(tiny_ckpt)
+    x, (a, b) = (
+        read_user_audio(sorted((tiny_ds / "audio").glob("conv_*.wav"))[2])[40 * FRAME : 64 * FRAME],
+        voices,
+    )
+    a, b = a[: 24 * FRAME], b[: 24 * FRAME]
+    batch = SlotBatch(loaded.lm, loaded.mimi, 2, greedy=True)
+    try:
+        mixed = _slot_schedule(batch, {0: [x, a], 1: [b]}, p_active=0.6, seed=0)
+        alone_a = _slot_schedule(batch, {0: [a]}, p_active=1.0, seed=0)[(0, 0)]
+        alone_b = _slot_schedule(batch, {0: [b]}, p_active=1.0, seed=0)[(0, 0)]
+    finally:
+        batch.close()
+    assert len(alone_a[0]) == 24 - batch.max_delay
+    assert mixed[(0, 1)][0] == alone_a[0] and np.array_equal(mixed[(0, 1)][1], alone_a[1])
+    assert mixed[(1, 0)][0] == alone_b[0] and np.array_equal(mixed[(1, 0)][1], alone_b[1])
+    assert alone_a[0] != alone_b[0]
+
+
 def test_conversation_gets_voice_and_text_back(tiny_ckpt, voices):
     async def main():
         # Sampled: the barely trained model says some words (greedy, it mostly pads).
