@@ -340,12 +340,14 @@ class ConversationServer:
         for b, c in enumerate(convs):
             if c is None or not out.valid[b]:
                 continue
-            opus = c.writer.append_pcm(out.pcm[b])
-            if len(opus) > 0:
-                messages[b].append(bytes([KIND_AUDIO]) + opus)
+            # Text before voice (moshi.server sends the voice first; clients take either order): a
+            # client holding frame k's voice then holds all the text up to frame k.
             piece = self._text_piece(int(out.text[b]))
             if piece:
                 messages[b].append(bytes([KIND_TEXT]) + piece.encode("utf-8"))
+            opus = c.writer.append_pcm(out.pcm[b])
+            if len(opus) > 0:
+                messages[b].append(bytes([KIND_AUDIO]) + opus)
         return messages
 
     def _text_piece(self, token: int) -> str:

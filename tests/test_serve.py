@@ -292,6 +292,58 @@ def test_reconnect_and_dropped_client_start_from_a_reset_slot(tiny_ckpt, voices)
     assert same(fresh, after_drop)
 
 
+def test_moshi_client_works_unchanged(tiny_ckpt, voices, monkeypatch):
+    """moshi 0.2.13's own command-line client (``moshi.client.Connection``, its sound devices replaced by
+    stand-ins that this test drives frame by frame) gets the same voice and text as the client above."""
+    import importlib
+    import io
+    import sys
+    import types
+
+    class _Device:  # sounddevice's InputStream / OutputStream: the callbacks are called by the test
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    fake = types.ModuleType("sounddevice")
+    fake.InputStream = fake.OutputStream = _Device
+    monkeypatch.setitem(sys.modules, "sounddevice", fake)
+    monkeypatch.delitem(sys.modules, "moshi.client", raising=False)
+    moshi_client = importlib.import_module("moshi.client")
+
+    async def main():
+        a = voices[0]
+        async with serving(tiny_ckpt, 1) as (server, url):
+            n = _frames(a, server)
+            ours = await converse(url, a, n)
+            await wait_free(server)
+            text = io.StringIO()
+            printer = moshi_client.RawPrinter(stream=text, err_stream=io.StringIO())
+            async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+                conn = moshi_client.Connection(printer, ws, asyncio.get_running_loop())
+                receiving = asyncio.create_task(conn._recv_loop())
+                for f in range(len(a) // FRAME):  # what the microphone callback gets, 80 ms at a time
+                    conn._on_audio_input(a[f * FRAME : (f + 1) * FRAME, None], FRAME, None, None)
+                    await asyncio.sleep(0)
+                for _ in range(int(TIMEOUT / 0.01)):
+                    if conn._output_queue.qsize() >= n:
+                        break
+                    await asyncio.sleep(0.01)
+                await ws.close()
+                await receiving
+            played = [conn._output_queue.get_nowait() for _ in range(conn._output_queue.qsize())]
+        return ours, text.getvalue(), np.concatenate(played)
+
+    ours, text, played = asyncio.run(main())
+    assert ours.text and text == "".join(ours.text)
+    assert np.array_equal(played, ours.pcm)
+
+
 def test_all_slots_busy_is_refused_clearly(tiny_ckpt, voices):
     async def main():
         a = voices[0]
