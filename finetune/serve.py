@@ -71,6 +71,17 @@ WEB_UI_REPO, WEB_UI_FILE = "kyutai/moshi-artifacts", "dist.tgz"
 
 
 @dataclass
+class Sampling:
+    """How Moshi picks its tokens (moshi's LMGen arguments; moshi.server's defaults)."""
+
+    greedy: bool = False
+    temp: float = 0.8
+    temp_text: float = 0.7
+    top_k: int = 250
+    top_k_text: int = 25
+
+
+@dataclass
 class StepOutput:
     """One step of the batch: per slot, Moshi's next frame (where ``valid``)."""
 
@@ -92,12 +103,7 @@ class SlotBatch:
         lm: torch.nn.Module,
         mimi: torch.nn.Module,
         batch_size: int,
-        *,
-        greedy: bool = False,
-        temp: float = 0.8,
-        temp_text: float = 0.7,
-        top_k: int = 250,
-        top_k_text: int = 25,
+        sampling: Sampling | None = None,
         cuda_graphs: bool = True,
     ) -> None:
         from moshi_ttt import TTTLMGen
@@ -112,13 +118,14 @@ class SlotBatch:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         # support_out_of_sync: LMGen would otherwise return nothing for max_delay steps after any
         # slot's reset (its warm-up counter is batch-wide); per-slot validity comes from its mask.
+        sp = sampling or Sampling()
         self.gen = TTTLMGen(
             lm,
-            use_sampling=not greedy,
-            temp=temp,
-            temp_text=temp_text,
-            top_k=top_k,
-            top_k_text=top_k_text,
+            use_sampling=not sp.greedy,
+            temp=sp.temp,
+            temp_text=sp.temp_text,
+            top_k=sp.top_k,
+            top_k_text=sp.top_k_text,
             support_out_of_sync=True,
         )
         self.max_delay = int(self.gen.max_delay)
@@ -569,11 +576,7 @@ def build_server(
     device: str = "cpu",
     dtype: str | None = None,
     ttt_updates: bool = True,
-    greedy: bool = False,
-    temp: float = 0.8,
-    temp_text: float = 0.7,
-    top_k: int = 250,
-    top_k_text: int = 25,
+    sampling: Sampling | None = None,
     cuda_graphs: bool = True,
     seed: int = 42424242,
     warmup: bool = True,
@@ -591,17 +594,7 @@ def build_server(
     elif not ttt_updates:
         logger.warning("--no-ttt-updates: %s has no TTT layers, nothing to turn off", loaded.checkpoint)
     torch.manual_seed(seed)
-    batch = SlotBatch(
-        loaded.lm,
-        loaded.mimi,
-        batch_size,
-        greedy=greedy,
-        temp=temp,
-        temp_text=temp_text,
-        top_k=top_k,
-        top_k_text=top_k_text,
-        cuda_graphs=cuda_graphs,
-    )
+    batch = SlotBatch(loaded.lm, loaded.mimi, batch_size, sampling, cuda_graphs=cuda_graphs)
     if warmup:
         batch.warmup()
     lm = loaded.lm
@@ -660,11 +653,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             dtype=args.dtype,
             ttt_updates=not args.no_ttt_updates,
-            greedy=args.greedy,
-            temp=args.temp,
-            temp_text=args.temp_text,
-            top_k=args.top_k,
-            top_k_text=args.top_k_text,
+            sampling=Sampling(args.greedy, args.temp, args.temp_text, args.top_k, args.top_k_text),
             cuda_graphs=not args.no_cuda_graphs,
             seed=args.seed,
             max_backlog_s=args.max_backlog,

@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.serve import DTYPES, SlotBatch  # noqa: E402
+from finetune.serve import DTYPES, Sampling, SlotBatch  # noqa: E402
 
 RANDOM = {
     "tiny": dict(
@@ -95,7 +95,7 @@ def bench(lm, mimi, batch_size: int, frames: int, warmup: int, cuda_graphs: bool
 
 def graphs_scenario(lm, mimi, batch_size: int, frames: int, cuda_graphs: bool, seed: int):
     """Greedy text tokens ([frames, B], -1 where no output) and voice of a masked, staggered scenario."""
-    batch = SlotBatch(lm, mimi, batch_size, greedy=True, cuda_graphs=cuda_graphs)
+    batch = SlotBatch(lm, mimi, batch_size, Sampling(greedy=True), cuda_graphs=cuda_graphs)
     try:
         batch.warmup()
         rng = np.random.default_rng(seed)

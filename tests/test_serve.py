@@ -26,6 +26,7 @@ from finetune.serve import (
     KIND_ERROR,
     KIND_HANDSHAKE,
     KIND_TEXT,
+    Sampling,
     build_server,
     make_app,
     resolve_static,
@@ -43,8 +44,9 @@ def voices(tiny_ds):
 
 
 @contextlib.asynccontextmanager
-async def serving(ckpt, batch_size: int, greedy: bool = True, static: str | None = None, **kw):
-    server = build_server(ckpt, batch_size=batch_size, greedy=greedy, warmup=False, **kw)
+async def serving(ckpt, batch_size: int, sampling: Sampling | None = None, static: str | None = None, **kw):
+    sampling = sampling or Sampling(greedy=True)
+    server = build_server(ckpt, batch_size=batch_size, sampling=sampling, warmup=False, **kw)
     runner = web.AppRunner(make_app(server, static))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -209,7 +211,7 @@ def test_slot_batch_masks_and_resets_keep_slots_independent(tiny_ckpt, voices, t
         voices,
     )
     a, b = a[: 24 * FRAME], b[: 24 * FRAME]
-    batch = SlotBatch(loaded.lm, loaded.mimi, 2, greedy=True)
+    batch = SlotBatch(loaded.lm, loaded.mimi, 2, Sampling(greedy=True))
     try:
         mixed = _slot_schedule(batch, {0: [x, a], 1: [b]}, p_active=0.6, seed=0)
         alone_a = _slot_schedule(batch, {0: [a]}, p_active=1.0, seed=0)[(0, 0)]
@@ -224,8 +226,8 @@ def test_slot_batch_masks_and_resets_keep_slots_independent(tiny_ckpt, voices, t
 
 def test_conversation_gets_voice_and_text_back(tiny_ckpt, voices):
     async def main():
-        # Sampled: the barely trained model says some words (greedy, it mostly pads).
-        async with serving(tiny_ckpt, 1, greedy=False, temp=1.0, temp_text=1.0, seed=3) as (server, url):
+        # Sampling, as served by default (the other tests decode greedily to compare outputs).
+        async with serving(tiny_ckpt, 1, Sampling(temp=1.0, temp_text=1.0), seed=3) as (server, url):
             return await converse(url, voices[0], _frames(voices[0], server)), server
 
     reply, server = asyncio.run(main())
