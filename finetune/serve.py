@@ -152,6 +152,8 @@ class SlotBatch:
         """Fresh state for the slots in ``mask`` ([B] bool): LMGen, TTT fast weights, Mimi."""
         m = self._mask(mask)
         self.gen.reset_streaming(m)  # LMGen's state, then (callback) the LM's: KV caches, TTT layers
+        # step() resets the slot's Mimi again after its first frame (the re-pad); resetting it here
+        # too means a joined slot holds nothing of the previous caller whatever runs first.
         self.mimi.reset_streaming(m)
 
     @torch.no_grad()
@@ -664,12 +666,13 @@ def main(argv: list[str] | None = None) -> int:
     if static_path is not None:
         logger.info("serving the web UI from %s", static_path)
     scheme = "https" if ssl_context else "http"
+    where = f"{scheme}://{args.host}:{args.port}"
+    ui = f"web UI at {where}, " if static_path is not None else "no web UI (--static none), "
     logger.info(
-        "%d conversation slots; web UI at %s://%s:%d, websocket at /api/chat",
+        "%d conversation slots; %swebsocket at %s/api/chat",
         args.batch_size,
-        scheme,
-        args.host,
-        args.port,
+        ui,
+        where.replace("http", "ws", 1),
     )
     web.run_app(make_app(server, static_path), host=args.host, port=args.port, ssl_context=ssl_context)
     return 0

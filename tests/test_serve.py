@@ -422,10 +422,17 @@ def test_replies_piling_up_end_that_conversation(tiny_ckpt, voices):
     assert reply.errors == ["the client does not read what the server sends; disconnecting"]
 
 
-def test_static_web_ui_and_cli_errors(tiny_ckpt, tmp_path):
+def test_static_web_ui_and_cli_errors(tiny_ckpt, tmp_path, monkeypatch):
+    import huggingface_hub
+
     from finetune.serve import main as serve_main
 
     assert resolve_static("none") is None
+    # The default (moshi's web UI from the Hub) with an empty cache and no network: a clear error.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match="cannot fetch moshi's web UI .* or --static none"):
+        resolve_static(None)
     with pytest.raises(FileNotFoundError, match="no index.html there"):
         resolve_static(str(tmp_path))
     (tmp_path / "index.html").write_text("<html>moshi web UI</html>")
