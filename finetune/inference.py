@@ -127,15 +127,6 @@ def read_user_audio(path: str | Path, channel: str = "auto") -> np.ndarray:
     )
 
 
-def set_ttt_updates(lm: torch.nn.Module, enabled: bool) -> int:
-    """Turn the streaming fast-weight updates of every TTT layer on or off (off: the fast weights stay
-    at W^(0), the same weights without test-time training). Returns the number of TTT layers."""
-    gatings = ttt_gatings(lm)
-    for g in gatings.values():
-        g.freeze_updates = not enabled
-    return len(gatings)
-
-
 @dataclass
 class StreamResult:
     text_tokens: np.ndarray  # [B, frames] int (Moshi's text stream, un-delayed)

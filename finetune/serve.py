@@ -585,13 +585,16 @@ def build_server(
     **server_kwargs,
 ) -> ConversationServer:
     """A run or checkpoint of this project, loaded with its own tokenizer and Mimi, ready to serve."""
-    from .inference import load_checkpoint_model, set_ttt_updates
+    from moshi_ttt import set_ttt_updates, ttt_gatings
+
+    from .inference import load_checkpoint_model
 
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     loaded = load_checkpoint_model(checkpoint, device, dtype=DTYPES[dtype] if dtype else None)
     if loaded.ttt:
-        n = set_ttt_updates(loaded.lm, ttt_updates)
+        set_ttt_updates(loaded.lm, ttt_updates)
+        n = len(ttt_gatings(loaded.lm))
         logger.info("%d TTT layer(s), fast-weight updates %s", n, "on" if ttt_updates else "off (W^(0) kept)")
     elif not ttt_updates:
         logger.warning("--no-ttt-updates: %s has no TTT layers, nothing to turn off", loaded.checkpoint)
