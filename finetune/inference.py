@@ -51,8 +51,12 @@ class LoadedModel:
 
 
 def load_checkpoint_model(
-    path: str | Path, device: str | torch.device = "cpu", with_codec: bool = True
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    with_codec: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> LoadedModel:
+    """The checkpoint's model (LM in ``dtype``: default bf16 on GPU, fp32 on CPU), tokenizer and Mimi."""
     from moshi.models import loaders
 
     from .data.audio import load_mimi
@@ -66,7 +70,8 @@ def load_checkpoint_model(
             f"{ckpt} has no moshi export (moshi/config.json): it was trained with checkpoint.export_moshi: false"
         )
     device = torch.device(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model_file = export / "model.safetensors"
     lora_file = export / "lora.safetensors"
     hf_repo = cfg.model.hf_repo if cfg.model.source == "hf" else "local/none"
