@@ -417,7 +417,7 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
             values = dict(
                 last, tokens_per_s=frames_per_step / max(dt, 1e-9), step_time=dt, data_time=data_time
             )
-            values["data/skipped_items"] = loader.skipped
+            values["data/skipped_items"] = loader.skipped_all_ranks()
             for group in optimizer.param_groups:
                 values[f"lr/{group.get('name', 'group')}"] = group["lr"]
             if gatings:
