@@ -188,28 +188,36 @@ def _loss(cfg: TrainConfig, out, codes, weights, norms=None):
 
 @torch.no_grad()
 def evaluate(model, base, dataset, cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, float]:
-    """Held-out loss and unweighted NLL / perplexity (exp of the per-token NLL in nats)."""
+    """Held-out loss and unweighted NLL / perplexity (exp of the per-token NLL in nats).
+
+    ``loss`` is the training objective over the whole evaluation set (every batch, every process),
+    normalised by its total target weights like the NLLs by their token counts, so it does not depend
+    on how the set is split into batches and processes."""
     model.eval()
-    sums = torch.zeros(6, device=dist_info.device, dtype=torch.float64)  # loss, text, n, audio, n, batches
+    # text: weighted CE, weights, NLL, count; audio: the same
+    sums = torch.zeros(8, device=dist_info.device, dtype=torch.float64)
     for codes in eval_batches(
         dataset, cfg.batch_size, cfg.eval.num_batches, dist_info.rank, dist_info.world_size
     ):
         codes = codes.to(dist_info.device)
         with _autocast(cfg, dist_info):
             out = model(codes)
-        p = _loss(cfg, out, codes, _weights(cfg, base, codes))
-        one = torch.ones((), device=sums.device)
+        tw, aw = _weights(cfg, base, codes)
+        p = _loss(cfg, out, codes, (tw, aw))
         sums += torch.stack(
-            [p.loss.detach(), p.text_nll_sum, p.text_count, p.audio_nll_sum, p.audio_count, one]
-        )
+            [p.text_weighted_sum, tw.sum(), p.text_nll_sum, p.text_count]
+            + [p.audio_weighted_sum, aw.sum(), p.audio_nll_sum, p.audio_count]
+        ).double()
     sums = D.all_reduce_sum(sums)
     recall = recall_metrics(model, dataset, cfg, dist_info) if hasattr(dataset, "queries") else {}
     model.train()
-    text_nll = (sums[1] / sums[2]).item()
-    audio_nll = (sums[3] / sums[4]).item()
-    nll = ((sums[1] + sums[3]) / (sums[2] + sums[4])).item()
+    loss = cfg.loss.text_weight * sums[0] / sums[1].clamp_min(1e-8)
+    loss = loss + cfg.loss.audio_weight * sums[4] / sums[5].clamp_min(1e-8)
+    text_nll = (sums[2] / sums[3]).item()
+    audio_nll = (sums[6] / sums[7]).item()
+    nll = ((sums[2] + sums[6]) / (sums[3] + sums[7])).item()
     return {
-        "loss": (sums[0] / sums[5]).item(),
+        "loss": loss.item(),
         "text_nll": text_nll,
         "audio_nll": audio_nll,
         "text_ppl": math.exp(min(text_nll, 50)),
