@@ -335,6 +335,7 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
         logger.info("resumed from %s at step %d", resume_path, start_step)
     wandb_run = init_wandb(cfg, run_dir, wandb_id, cfg_dict) if dist_info.is_main else None
     metrics = Metrics(run_dir, dist_info.is_main, wandb_run)
+    metrics.start(start_step, str(resume_path) if resume_path is not None else None)
     gatings = list(ttt_gatings(base).values()) if cfg.ttt.enabled else []
 
     frames_per_step = cfg.batch_size * cfg.grad_accum * dist_info.world_size * cfg.data.num_frames
