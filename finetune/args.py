@@ -35,6 +35,9 @@ class ModelArgs:
     config_path: str | None = None
     tiny: dict[str, Any] = field(default_factory=dict)
     gradient_checkpointing: bool = False
+    # A moshi_weights file that is not safetensors (moshi's .pt) is read with pickle, which can run code
+    # stored in the file: refused unless this is true (only for files you trust).
+    allow_pickle: bool = False
 
 
 @dataclass
@@ -165,7 +168,8 @@ class CheckpointArgs:
 
 @dataclass
 class WandbArgs:
-    """Weights & Biases tracking; the API key comes only from the environment (WANDB_API_KEY)."""
+    """Weights & Biases tracking. No key here: wandb itself reads it from WANDB_API_KEY, else the netrc
+    file ($NETRC, else ~/.netrc, where ``wandb login`` writes it)."""
 
     project: str | None = None  # null: no wandb
     entity: str | None = None

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from moshi.models import LMModel, loaders
 from moshi.modules.lora import LoRALinear, replace_all_linear_with_lora
-from safetensors.torch import load_file
 from torch import nn
 
 from moshi_ttt import apply_ttt, named_ttt_layers
@@ -27,6 +26,8 @@ from moshi_ttt.tiny import tiny_lm_kwargs
 from moshi_ttt.variants import param_groups as ttt_param_groups
 
 from .args import TrainConfig
+from .checkpointing import read_moshi_weights
+from .schema import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +69,12 @@ def resolve_base(cfg: TrainConfig) -> tuple[dict[str, Any], str | None]:
         config_path = Path(m.config_path or hf_hub_download(m.hf_repo, "config.json"))
         weights = None if m.moshi_weights is None else str(loaders.hf_get(m.moshi_weights))
     if not config_path.is_file():
-        raise FileNotFoundError(f"model.config_path: {config_path} does not exist")
+        raise ConfigError(f"model.config_path: {config_path} does not exist")
     raw = json.loads(config_path.read_text())
     if weights is None:
         weights = str(loaders.hf_get(raw.get("moshi_name", "model.safetensors"), m.hf_repo))
     if not Path(weights).is_file():
-        raise FileNotFoundError(f"model.moshi_weights: {weights} does not exist")
+        raise ConfigError(f"model.moshi_weights: {weights} does not exist")
     return raw, weights
 
 
@@ -133,20 +134,20 @@ def build_model(cfg: TrainConfig, device: torch.device) -> BuiltModel:
         if cfg.model.source == "tiny":
             _init_lora(model)
     if weights is not None:
-        state = load_file(weights)
+        state = read_moshi_weights(weights, cfg.model.allow_pickle)
         dtype = next(p for p in model.parameters()).dtype
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         try:
             res = model.load_state_dict(state, strict=False, assign=True)
         except RuntimeError as e:
-            raise ValueError(
+            raise ConfigError(
                 f"{weights} does not match the architecture in the model config (check model.config_path): {e}"
             ) from e
         new_ttt = {f"{n}.{p}" for n, layer in named_ttt_layers(model) for p in layer.new_param_names()}
         lora = ("lora_A.weight", "lora_B.weight")
         bad_missing = [k for k in res.missing_keys if k not in new_ttt and not k.endswith(lora)]
         if res.unexpected_keys or bad_missing:
-            raise ValueError(
+            raise ConfigError(
                 f"{weights} does not match the configured architecture: missing {bad_missing[:8]}, "
                 f"unexpected {res.unexpected_keys[:8]}; check model.config_path"
             )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import re
 import time
 import uuid
@@ -14,21 +13,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from moshi_ttt import ttt_gatings
 
 from . import distributed as D
 from .args import TrainConfig, config_to_yaml
-from .checkpointing import clean_stale_tmp, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpointing import ResumePoint, Resumer, SaveSchedule, claimed_run_dir, save_checkpoint
 from .data import BatchPlan, ResumableLoader, SyntheticCodes, eval_batches
 from .data.loader import eval_plan
 from .loss import compute_loss, target_weights
 from .model import build_model, param_table
 from .monitoring import Metrics, fmt_duration, init_wandb, setup_logging
 from .optim import build_optimizer
-from .schema import ConfigError, to_dict
+from .preflight import check_config_paths
+from .schema import ConfigError, from_dict, to_dict
 
 logger = logging.getLogger("finetune")
 
@@ -75,9 +74,19 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the keys added to the schema since it was written, at their defaults (so a
+    new key does not read as a changed setting)."""
+    try:
+        return to_dict(from_dict(TrainConfig, saved))
+    except ConfigError:  # a key since removed or renamed: compare as saved
+        return saved
+
+
 def check_resume_compatible(
     saved: dict[str, Any], current: dict[str, Any], saved_world: int, world: int
 ) -> None:
+    saved = _with_defaults(saved)
     bad = [k for k in _FIXED_KEYS if _get(saved, k) != _get(current, k)]
     if saved_world != world:
         bad.append(f"world size ({saved_world} -> {world} processes)")
@@ -290,23 +299,27 @@ def _absolute_paths(cfg: TrainConfig) -> None:
                 setattr(section, key, str(Path(value).resolve()))
 
 
+class Diverged(RuntimeError):
+    """The run stopped in a streak of non-finite steps (its checkpoints are intact)."""
+
+
 def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
     _absolute_paths(cfg)
+    check_config_paths(cfg)  # before run_dir or the model exists: a refused run leaves nothing behind
     run_dir = Path(cfg.run_dir)
-    resume_path = resolve_resume(cfg)
+    with claimed_run_dir(run_dir, dist_info.is_main):
+        return _run(cfg, dist_info, run_dir)
+
+
+def _run(cfg: TrainConfig, dist_info: D.DistInfo, run_dir: Path) -> dict[str, Any]:
     cfg_dict = to_dict(cfg)
-    trainer_state: dict[str, Any] = {}
-    if resume_path is not None:
-        saved_cfg = yaml.safe_load((resume_path / "config.yaml").read_text())
-        trainer_state = torch.load(resume_path / "trainer_state.pt", weights_only=True, map_location="cpu")
-        check_resume_compatible(saved_cfg, cfg_dict, trainer_state["world_size"], dist_info.world_size)
-    lock = None
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = _lock_run_dir(run_dir)
-        clean_stale_tmp(run_dir)
-        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    D.barrier()
+    resumer = Resumer(cfg, dist_info)
+
+    def vet(point: ResumePoint) -> None:
+        check_resume_compatible(point.config, cfg_dict, int(point.state["world_size"]), dist_info.world_size)
+
+    if resumer.pick() is not None:
+        vet(resumer.point)
 
     built = build_model(cfg, dist_info.device)
     base = built.model
@@ -323,19 +336,24 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
     start_step = 0
     nonfinite_run = 0
     wandb_id = uuid.uuid4().hex[:12]
-    if resume_path is not None:
-        state = load_checkpoint(
-            resume_path, model=model, optimizer=optimizer, scheduler=scheduler, dist_info=dist_info
+    schedule = SaveSchedule(cfg.checkpoint.interval, cfg.max_steps)
+    point = resumer.restore(model, optimizer, scheduler, vet)
+    if point is not None:
+        start_step = point.step
+        loader.load_state_dict(point.data_state)
+        wandb_id = point.state.get("wandb_id") or wandb_id
+        schedule = SaveSchedule(
+            cfg.checkpoint.interval, cfg.max_steps, start_step, point.state.get("protected_step")
         )
-        start_step = int(state["step"])
-        loader.load_state_dict(state["data"])
-        nonfinite_run = int(state.get("nonfinite_run", 0))
-        wandb_id = state.get("wandb_id") or wandb_id
         _apply_new_lrs(optimizer, scheduler, cfg)
-        logger.info("resumed from %s at step %d", resume_path, start_step)
+        logger.info("resumed from %s at step %d", point.path, start_step)
+    if dist_info.is_main:
+        resumer.set_aside_newer()
+        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    D.barrier()
     wandb_run = init_wandb(cfg, run_dir, wandb_id, cfg_dict) if dist_info.is_main else None
     metrics = Metrics(run_dir, dist_info.is_main, wandb_run)
-    metrics.start(start_step, str(resume_path) if resume_path is not None else None)
+    metrics.start(start_step, str(point.path) if point is not None else None)
     gatings = list(ttt_gatings(base).values()) if cfg.ttt.enabled else []
 
     frames_per_step = cfg.batch_size * cfg.grad_accum * dist_info.world_size * cfg.data.num_frames
@@ -403,9 +421,9 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
                 "skip", step, {"loss": loss, "grad_norm": float(grad_norm), "in_a_row": nonfinite_run}
             )
             if nonfinite_run >= cfg.max_nonfinite_steps:
-                raise RuntimeError(
+                raise Diverged(
                     f"{nonfinite_run} consecutive steps had a non-finite loss or gradient (last at step {step}); "
-                    "stopping. Lower optim.lr or ttt.eta, or check the data; the last checkpoint is intact"
+                    f"stopping. {_relaunch_hint(schedule)}"
                 )
         with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
@@ -459,23 +477,28 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
                 ev["audio_ppl"],
                 "".join(f" | {k} {ev[k]:.3f}" for k in ("recall_acc_near", "recall_acc_far") if k in ev),
             )
-        if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or is_last:
+        if schedule.due(step, nonfinite_run):
             save_checkpoint(
                 step=step,
                 model=model,
                 optimizer=optimizer,
                 scheduler=scheduler,
                 data_state=loader.state_dict(),
-                extra={"nonfinite_run": nonfinite_run, "wandb_id": wandb_id},
+                extra={"wandb_id": wandb_id, **schedule.state()},
                 config_yaml=config_to_yaml(cfg),
                 raw_config=built.raw_config,
                 cfg=cfg,
                 dist_info=dist_info,
+                protect=schedule.protected,
             )
+            schedule.saved(step)
+    if schedule.pending:
+        raise Diverged(
+            f"the run ended in {nonfinite_run} non-finite step(s) in a row, so its final checkpoint was not "
+            f"written. {_relaunch_hint(schedule)}"
+        )
     if wandb_run is not None:
         wandb_run.finish()
-    if lock is not None:
-        lock.close()
     logger.info(
         "done: %d steps in %s, run directory %s",
         cfg.max_steps - start_step,
@@ -485,26 +508,13 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
     return {"step": cfg.max_steps, "run_dir": str(run_dir), **last}
 
 
-def _lock_run_dir(run_dir: Path):
-    """An exclusive lock on ``run_dir`` for this run's lifetime: two trainings writing one run directory
-    (a sweep launched twice, a relaunch while the first is alive) would corrupt its checkpoints."""
-    import fcntl
-
-    f = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held open until the process exits
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as e:
-        f.seek(0)
-        owner = f.read().strip() or "?"
-        f.close()
-        raise RuntimeError(
-            f"{run_dir} is in use by another training process (pid {owner}); nothing was changed"
-        ) from e
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
+def _relaunch_hint(schedule: SaveSchedule) -> str:
+    if schedule.last_saved is None:
+        return "No checkpoint was written yet: lower optim.lr or ttt.eta (or check the data) and start again."
+    return (
+        f"Lower optim.lr or ttt.eta (or check the data) and launch again: it resumes from checkpoint "
+        f"step_{schedule.last_saved:06d}, written before these steps (kept by rotation)."
+    )
 
 
 def _apply_new_lrs(optimizer, scheduler, cfg: TrainConfig) -> None:

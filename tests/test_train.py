@@ -434,7 +434,7 @@ def test_bad_local_checkpoint_is_a_clear_error(tmp_path):
         "model.config_path": str(base_dir / "config.json"),
         "model.moshi_weights": str(tmp_path / "nope.safetensors"),
     }
-    with pytest.raises(FileNotFoundError, match="model.moshi_weights: .*nope.safetensors does not exist"):
+    with pytest.raises(ConfigError, match="model.moshi_weights: .*nope.safetensors does not exist"):
         train(tiny_cfg(tmp_path / "x", **over))
     raw = json.loads((base_dir / "config.json").read_text())
     raw["dim"] = 48  # a config that does not match the weights
@@ -450,13 +450,13 @@ def test_bad_local_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_a_run_directory_in_use_is_refused(tmp_path):
-    from finetune.trainer import _lock_run_dir
+    from finetune.checkpointing import lock_run_dir
 
     run = tmp_path / "busy"
     run.mkdir()
-    held = _lock_run_dir(run)
+    held = lock_run_dir(run)
     try:
-        with pytest.raises(RuntimeError, match="is in use by another training process"):
+        with pytest.raises(ConfigError, match="is in use by another training process"):
             train(tiny_cfg(run, max_steps=1))
         assert not (run / "checkpoints").exists()
     finally:
