@@ -181,9 +181,8 @@ def save_checkpoint(
     raw_config: dict[str, Any],
     cfg,
     dist_info: DistInfo,
-    protect: int | None = None,
 ) -> Path | None:
-    """Write the checkpoint of ``step`` atomically, then rotate (``protect``: a step rotation keeps)."""
+    """Write the checkpoint of ``step`` atomically (rotation is :class:`SaveSchedule`'s)."""
     root = checkpoint_root(cfg.run_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp.step_{step:06d}"
@@ -225,7 +224,6 @@ def save_checkpoint(
         if final.exists():  # tidy_checkpoints and the resume rules keep this from happening; never overwrite
             move_aside(final, "replaced", f"a new checkpoint of step {step} was written")
         os.replace(tmp, final)
-        _rotate(cfg, root, protect)
         logger.info("saved checkpoint %s in %.1fs", final, time.time() - t0)
     barrier()
     return final
@@ -248,13 +246,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _rotate(cfg, root: Path, protect: int | None = None) -> None:
-    keep = cfg.checkpoint.keep_last
-    if keep <= 0:
+def rotate_checkpoints(run_dir: str | Path, keep_last: int, keep: set[int]) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints (0: keep all) and the steps in ``keep``."""
+    if keep_last <= 0:
         return
-    ckpts = list_checkpoints(cfg.run_dir)
-    for step, p in ckpts[:-keep]:
-        if step != protect:
+    for step, p in list_checkpoints(run_dir)[:-keep_last]:
+        if step not in keep:
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -574,27 +571,36 @@ class Resumer:
 
 
 class SaveSchedule:
-    """When the trainer writes a checkpoint: every ``interval`` steps (0: none) and at ``max_steps``, but
-    never while the run is in a streak of non-finite (skipped) steps.
+    """When the trainer writes and rotates checkpoints, and what a diverged run resumes from.
 
-    In a streak the weights are those that produced it, so a save that falls due is deferred to the next
-    finite step (one at ``max_steps`` is not written at all: :attr:`pending` stays set). When a streak
-    starts, the newest checkpoint (written before it) is protected: rotation keeps it beyond
-    ``keep_last`` until the next streak protects a newer one, so a diverged run can always be relaunched
-    from it with a lower learning rate. The protected step is saved in the checkpoints.
+    A checkpoint is due every ``checkpoint.interval`` steps (0: none) and at ``max_steps``, but never
+    written while the run is in a streak of non-finite (skipped) steps: the weights are those that
+    produced it. A save that falls due in a streak waits for the next finite step (one due at
+    ``max_steps`` is not written: :attr:`pending` stays set and the trainer fails).
+
+    A checkpoint is *vouched for* once the step after it was finite (its weights gave a finite loss); the
+    final one counts as vouched for. Rotation to ``checkpoint.keep_last`` runs then, never deleting the
+    newest vouched checkpoint nor the *protected* one: the newest vouched checkpoint when a streak starts, kept
+    until another streak protects a newer one (saved in each checkpoint as ``protected_step``). When a run
+    diverges, a newest checkpoint that was not vouched for (the streak began right after it) is moved
+    aside (``.suspect.``), so a relaunch with a lower learning rate resumes from weights that worked.
     """
 
-    def __init__(
-        self, interval: int, max_steps: int, last_saved: int | None = None, protected: int | None = None
-    ) -> None:
-        self.interval, self.max_steps = interval, max_steps
-        self.last_saved, self.protected = last_saved, protected
+    def __init__(self, cfg, is_main: bool, resumed: ResumePoint | None = None) -> None:
+        self.interval, self.max_steps = cfg.checkpoint.interval, cfg.max_steps
+        self.keep_last, self.run_dir, self.is_main = cfg.checkpoint.keep_last, cfg.run_dir, is_main
+        self.last_saved = resumed.step if resumed is not None else None
+        self.protected = resumed.state.get("protected_step") if resumed is not None else None
+        self.vouched: int | None = None
         self.pending = False
 
     def due(self, step: int, nonfinite_run: int) -> bool:
         """Called once per step, after the optimizer step or the skip; True: save now."""
-        if nonfinite_run == 1 and self.last_saved is not None:
-            self.protected = self.last_saved
+        if nonfinite_run == 0 and self.last_saved == step - 1 and self.vouched != self.last_saved:
+            self.vouched = self.last_saved
+            self._rotate()
+        if nonfinite_run == 1 and self.vouched is not None:
+            self.protected = self.vouched
         was_pending = self.pending
         self.pending = (
             was_pending or bool(self.interval and step % self.interval == 0) or step == self.max_steps
@@ -611,9 +617,38 @@ class SaveSchedule:
 
     def saved(self, step: int) -> None:
         self.last_saved, self.pending = step, False
+        if step == self.max_steps:  # the run's result: rotate to keep_last (the protected one stays)
+            self.vouched = step
+            self._rotate()
 
     def state(self) -> dict[str, Any]:
         return {"protected_step": self.protected}
+
+    def _rotate(self) -> None:
+        if self.is_main:
+            keep = {s for s in (self.vouched, self.protected) if s is not None}
+            rotate_checkpoints(self.run_dir, self.keep_last, keep)
+
+    def diverged(self) -> str:
+        """Set aside an unvouched newest checkpoint (rank 0); a line saying how to continue."""
+        if self.last_saved is not None and self.last_saved != self.vouched:
+            path = checkpoint_root(self.run_dir) / f"step_{self.last_saved:06d}"
+            if self.is_main and path.is_dir():
+                move_aside(
+                    path, "suspect", f"the step after it ({self.last_saved + 1}) was already non-finite"
+                )
+            self.last_saved = None
+        good = self.vouched if self.vouched is not None else self.last_saved
+        if good is None:
+            good = max((s for s, _ in list_checkpoints(self.run_dir)), default=None)
+        if good is None:
+            return (
+                "No checkpoint to resume from: lower optim.lr or ttt.eta (or check the data) and start again."
+            )
+        return (
+            "Lower optim.lr or ttt.eta (or check the data) and launch again: it resumes from checkpoint "
+            f"step_{good:06d}, whose weights still gave finite steps (kept by rotation)."
+        )
 
 
 def read_moshi_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

@@ -336,15 +336,12 @@ def _run(cfg: TrainConfig, dist_info: D.DistInfo, run_dir: Path) -> dict[str, An
     start_step = 0
     nonfinite_run = 0
     wandb_id = uuid.uuid4().hex[:12]
-    schedule = SaveSchedule(cfg.checkpoint.interval, cfg.max_steps)
     point = resumer.restore(model, optimizer, scheduler, vet)
+    schedule = SaveSchedule(cfg, dist_info.is_main, point)
     if point is not None:
         start_step = point.step
         loader.load_state_dict(point.data_state)
         wandb_id = point.state.get("wandb_id") or wandb_id
-        schedule = SaveSchedule(
-            cfg.checkpoint.interval, cfg.max_steps, start_step, point.state.get("protected_step")
-        )
         _apply_new_lrs(optimizer, scheduler, cfg)
         logger.info("resumed from %s at step %d", point.path, start_step)
     if dist_info.is_main:
@@ -423,7 +420,7 @@ def _run(cfg: TrainConfig, dist_info: D.DistInfo, run_dir: Path) -> dict[str, An
             if nonfinite_run >= cfg.max_nonfinite_steps:
                 raise Diverged(
                     f"{nonfinite_run} consecutive steps had a non-finite loss or gradient (last at step {step}); "
-                    f"stopping. {_relaunch_hint(schedule)}"
+                    f"stopping. {schedule.diverged()}"
                 )
         with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
@@ -489,13 +486,12 @@ def _run(cfg: TrainConfig, dist_info: D.DistInfo, run_dir: Path) -> dict[str, An
                 raw_config=built.raw_config,
                 cfg=cfg,
                 dist_info=dist_info,
-                protect=schedule.protected,
             )
             schedule.saved(step)
     if schedule.pending:
         raise Diverged(
             f"the run ended in {nonfinite_run} non-finite step(s) in a row, so its final checkpoint was not "
-            f"written. {_relaunch_hint(schedule)}"
+            f"written. {schedule.diverged()}"
         )
     if wandb_run is not None:
         wandb_run.finish()
@@ -506,15 +502,6 @@ def _run(cfg: TrainConfig, dist_info: D.DistInfo, run_dir: Path) -> dict[str, An
         run_dir,
     )
     return {"step": cfg.max_steps, "run_dir": str(run_dir), **last}
-
-
-def _relaunch_hint(schedule: SaveSchedule) -> str:
-    if schedule.last_saved is None:
-        return "No checkpoint was written yet: lower optim.lr or ttt.eta (or check the data) and start again."
-    return (
-        f"Lower optim.lr or ttt.eta (or check the data) and launch again: it resumes from checkpoint "
-        f"step_{schedule.last_saved:06d}, written before these steps (kept by rotation)."
-    )
 
 
 def _apply_new_lrs(optimizer, scheduler, cfg: TrainConfig) -> None:
