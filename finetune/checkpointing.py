@@ -22,7 +22,9 @@ way is moved aside to ``checkpoints/.<why>.<name>.<time>`` with a warning:
 - ``.incomplete.``: a ``step_*`` directory without ``meta.json``, or a ``.tmp.*`` one with it;
 - ``.unloadable.``: a checkpoint that failed to load when resuming (the warning names the file);
 - ``.superseded.``: checkpoints newer than the one a run resumes from (``resume: PATH`` to an older
-  checkpoint, or after falling back past an unloadable one): the resumed run writes its own.
+  checkpoint, or after falling back past an unloadable one): the resumed run writes its own;
+- ``.suspect.``: the newest checkpoint of a diverged run when the step right after it was already
+  non-finite (see :class:`SaveSchedule`).
 
 ``resume: auto`` takes the newest checkpoint that loads, falling back past those that do not;
 an explicit ``resume: PATH`` that does not load is refused (:class:`ConfigError`).
