@@ -288,10 +288,6 @@ def test_bad_alignments_and_manifest_bytes_are_skipped_in_training(tiny_ds, tmp_
     problems = check_manifest(manifest)
     assert f"{manifest}:4: not valid UTF-8 (byte 0xff at column 22)" in "\n".join(problems)
     assert any(x.startswith(f"{p}: alignment #0") for x in problems)
-    res = subprocess.run(
-        [sys.executable, "scripts/check_dataset.py", str(manifest)], cwd=ROOT, capture_output=True, text=True
-    )
-    assert res.returncode == 1 and "Traceback" not in res.stderr and "not valid UTF-8" in res.stdout
     summary = train(_train_cfg(ds, tmp_path / "run", "train.jsonl", max_steps=6))
     out = capsys.readouterr().out
     assert f"skipping a bad manifest line: {manifest}:4: not valid UTF-8" in out
