@@ -40,6 +40,9 @@ class ModelArgs:
     # a consolidated.safetensors replaces it, architecture from its config.json) or this project's
     # moshi/ export. TTT layers then take w_down from the fine-tuned linear_out.
     init_from: str | None = None
+    # A moshi_weights file that is not safetensors (moshi's .pt) is read with pickle, which can run code
+    # stored in the file: refused unless this is true (only for files you trust).
+    allow_pickle: bool = False
 
 
 @dataclass
@@ -186,7 +189,8 @@ class CheckpointArgs:
 
 @dataclass
 class WandbArgs:
-    """Weights & Biases tracking; the API key comes only from the environment (WANDB_API_KEY)."""
+    """Weights & Biases tracking. No key here: wandb itself reads it from WANDB_API_KEY, else the netrc
+    file ($NETRC, else ~/.netrc, where ``wandb login`` writes it)."""
 
     project: str | None = None  # null: no wandb
     entity: str | None = None

@@ -21,6 +21,7 @@ from moshi_ttt import TTTLMGen, apply_ttt, load_ttt_config, load_ttt_weights, se
 
 from .args import TrainConfig, load_config
 from .checkpointing import list_checkpoints
+from .preflight import check_moshi_weights
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ def load_checkpoint_model(
     model_file = export / "model.safetensors"
     lora_file = export / "lora.safetensors"
     hf_repo = cfg.model.hf_repo if cfg.model.source == "hf" else "local/none"
+    if not model_file.is_file():  # moshi reads a .pt base checkpoint with pickle: only if the run opted in
+        check_moshi_weights(cfg.model.moshi_weights, cfg.model.allow_pickle)
     info = loaders.CheckpointInfo.from_hf_repo(
         hf_repo,
         moshi_weights=model_file if model_file.is_file() else cfg.model.moshi_weights,

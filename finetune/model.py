@@ -79,12 +79,12 @@ def resolve_base(cfg: TrainConfig) -> tuple[dict[str, Any], str | None]:
         config_path = Path(m.config_path or hf_hub_download(m.hf_repo, "config.json"))
         weights = None if m.moshi_weights is None else str(loaders.hf_get(m.moshi_weights))
     if not config_path.is_file():
-        raise FileNotFoundError(f"model.config_path: {config_path} does not exist")
+        raise ConfigError(f"model.config_path: {config_path} does not exist")
     raw = json.loads(config_path.read_text())
     if weights is None:
         weights = str(loaders.hf_get(raw.get("moshi_name", "model.safetensors"), m.hf_repo))
     if not Path(weights).is_file():
-        raise FileNotFoundError(f"model.moshi_weights: {weights} does not exist")
+        raise ConfigError(f"model.moshi_weights: {weights} does not exist")
     return raw, weights
 
 
@@ -144,7 +144,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> BuiltModel:
         if cfg.model.source == "tiny":
             _init_lora(model)
     if weights is not None:
-        state = load_file(weights)
+        state = read_moshi_weights(weights, cfg.model.allow_pickle)
         if cfg.model.init_from is not None:
             state = init_state(cfg.model.init_from, raw_config, state, CONFIG_META_KEYS)
         dtype = next(p for p in model.parameters()).dtype
@@ -152,14 +152,14 @@ def build_model(cfg: TrainConfig, device: torch.device) -> BuiltModel:
         try:
             res = model.load_state_dict(state, strict=False, assign=True)
         except RuntimeError as e:
-            raise ValueError(
+            raise ConfigError(
                 f"{weights} does not match the architecture in the model config (check model.config_path): {e}"
             ) from e
         new_ttt = {f"{n}.{p}" for n, layer in named_ttt_layers(model) for p in layer.new_param_names()}
         lora = ("lora_A.weight", "lora_B.weight")
         bad_missing = [k for k in res.missing_keys if k not in new_ttt and not k.endswith(lora)]
         if res.unexpected_keys or bad_missing:
-            raise ValueError(
+            raise ConfigError(
                 f"{weights} does not match the configured architecture: missing {bad_missing[:8]}, "
                 f"unexpected {res.unexpected_keys[:8]}; check model.config_path"
             )
@@ -280,3 +280,19 @@ def optimizer_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]
             "no parameter is trainable with this configuration (check finetune and ttt settings)"
         )
     return out
+
+
+def read_moshi_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """A base Moshi state dict: safetensors, or (only with ``allow_pickle``) moshi's pickled ``.pt``
+    package, read the way moshi reads it (``torch.load`` without ``weights_only``: it can run code)."""
+    from .preflight import SAFETENSORS_SUFFIXES, check_moshi_weights
+
+    if Path(path).suffix in SAFETENSORS_SUFFIXES:
+        return load_file(str(path))
+    check_moshi_weights(str(path), allow_pickle)
+    pkg = torch.load(path, map_location="cpu", weights_only=False)  # opted in: model.allow_pickle
+    if isinstance(pkg, dict) and "fsdp_best_state" in pkg:  # moshi's training package
+        pkg = pkg["fsdp_best_state"]["model"]
+    if not isinstance(pkg, dict):
+        raise ConfigError(f"model.moshi_weights: {path} does not hold a state dict")
+    return pkg

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"# Converted from the moshi-finetune config {args.mf_config} on {date.today()} by\n"
         f"# scripts/from_moshi_finetune.py (the report it printed lists what maps and what differs).\n"
-        f"#   python scripts/encode_codes.py --config {args.output} --device cuda   # Mimi codes, once\n"
+        f"#   python scripts/encode_codes.py {args.output} --device=cuda   # Mimi codes, once\n"
         f"#   torchrun --nproc-per-node N train.py {args.output}\n"
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.mf_config} (moshi-finetune) -> {args.output}\n")
     print(conv.report())
     print(
-        f"\nnext:\n  python scripts/encode_codes.py --config {args.output} --device cuda\n"
+        f"\nnext:\n  python scripts/encode_codes.py {args.output} --device=cuda\n"
         f"  torchrun --nproc-per-node N train.py {args.output}"
     )
     return 0

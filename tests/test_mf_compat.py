@@ -250,7 +250,7 @@ def test_a_moshi_finetune_yaml_converts_and_trains_on_the_tiny_setup(tmp_path, t
     assert cfg.ttt.enabled and cfg.ttt.layers == [1]
     # The separate encoding step, from the converted config alone (the model's codebook count included).
     enc = subprocess.run(
-        [sys.executable, "scripts/encode_codes.py", "--config", str(tmp_path / "ours.yaml")],
+        [sys.executable, "scripts/encode_codes.py", str(tmp_path / "ours.yaml")],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -57,22 +57,45 @@ class Word:
     speaker: str = MAIN_SPEAKER
 
 
+def _seconds(x: object) -> float | None:
+    """``x`` as a time in seconds if it is a finite JSON number (not a string, bool or NaN), else None."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x):
+        return float(x)
+    return None
+
+
 def parse_alignments(data: object, source: str = "alignments") -> list[Word]:
-    """Words from moshi-finetune's JSON: ``{"alignments": [[word, [start, end], speaker], ...]}``."""
+    """Words from moshi-finetune's JSON: ``{"alignments": [[word, [start, end], speaker], ...]}``.
+
+    ValueError naming ``source``, the alignment's index and what is wrong: times must be JSON numbers
+    (``"1.0"`` as a string, ``NaN`` or ``null`` are refused, not guessed at), ``0 <= start <= end``.
+    """
     if not isinstance(data, dict) or not isinstance(data.get("alignments"), list):
         raise ValueError(f"{source}: expected a JSON object with an 'alignments' list")
     words = []
     for i, item in enumerate(data["alignments"]):
-        try:
-            text, (start, end), *rest = item
-            speaker = rest[0] if rest else MAIN_SPEAKER
-            words.append(Word(str(text), float(start), float(end), str(speaker)))
-        except (TypeError, ValueError) as e:
+        shape_ok = (
+            isinstance(item, (list, tuple))
+            and len(item) >= 2
+            and isinstance(item[1], (list, tuple))
+            and len(item[1]) == 2
+        )
+        if not shape_ok:
             raise ValueError(
                 f"{source}: alignment #{i} is {item!r}; expected [word, [start_seconds, end_seconds], speaker]"
-            ) from e
-        if not math.isfinite(start) or not math.isfinite(end) or end < start or start < 0:
+            )
+        text, (start, end), *rest = item
+        if not isinstance(text, str):
+            raise ValueError(f"{source}: alignment #{i} {item!r}: the word must be a string, got {text!r}")
+        s, e = _seconds(start), _seconds(end)
+        if s is None or e is None:
+            raise ValueError(
+                f"{source}: alignment #{i} {item!r}: start and end must be numbers of seconds, got "
+                f"{start!r} and {end!r}"
+            )
+        if e < s or s < 0:
             raise ValueError(f"{source}: alignment #{i} {item!r} has an invalid time span")
+        words.append(Word(text, s, e, str(rest[0]) if rest else MAIN_SPEAKER))
     return words
 
 
