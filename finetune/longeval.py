@@ -4,7 +4,7 @@ For each run (a checkpoint, rebuilt as moshi loads it plus the TTT file), teache
 passes over an eval set give, per position bucket, the mean text and audio cross entropy (nats) over
 valid targets. On the recall task (``finetune.data.recall``) they also give the value accuracy and
 NLL per distance bucket. A TTT run can be evaluated a second time with its fast-weight updates
-turned off (``eta = 0``: the same weights without test-time training), side by side.
+turned off (``moshi_ttt.set_ttt_updates``: the same weights without test-time training), side by side.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from moshi_ttt import ttt_gatings
+from moshi_ttt import set_ttt_updates
 
 from .inference import LoadedModel, load_checkpoint_model
 
@@ -163,8 +163,7 @@ def evaluate_runs(
         kw = dict(batch_size=batch_size, max_items=max_items, bucket=b, distance_edges=d_edges)
         results.append(evaluate_model(name + (" (TTT)" if loaded.ttt else ""), loaded.lm, dataset, **kw))
         if loaded.ttt and frozen_too:
-            for g in ttt_gatings(loaded.lm).values():
-                g.config.eta = 0.0
+            set_ttt_updates(loaded.lm, False)
             results.append(evaluate_model(name + " (TTT updates off)", loaded.lm, dataset, **kw))
     return {"info": info, "results": [r.__dict__ for r in results]}
 

@@ -2,7 +2,7 @@
 
 Order: build the base architecture (random tiny, or on the meta device for real checkpoints) ->
 ``apply_ttt`` -> moshi LoRA (``lora_B`` zeroed so the start is the base model) -> load the
-checkpoint (only TTT target-path and LoRA keys may be missing; anything else is an error) ->
+checkpoint (only the TTT layers' new parameters and LoRA keys may be missing; anything else is an error) ->
 materialise what is still on meta -> freeze per ``finetune`` mode -> dtypes (trainable parameters in
 float32, frozen ones in the checkpoint's dtype on GPU).
 """
@@ -22,11 +22,13 @@ from moshi.modules.lora import LoRALinear, replace_all_linear_with_lora
 from safetensors.torch import load_file
 from torch import nn
 
-from moshi_ttt import TTTGating, TTTMLPGating, apply_ttt
-from moshi_ttt.patch import TTT_GATINGS
+from moshi_ttt import apply_ttt, named_ttt_layers
 from moshi_ttt.tiny import tiny_lm_kwargs
+from moshi_ttt.variants import param_groups as ttt_param_groups
 
 from .args import TrainConfig
+from .mf_compat import init_from_files, init_state, merged_config
+from .schema import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,15 @@ def resolve_base(cfg: TrainConfig) -> tuple[dict[str, Any], str | None]:
     m = cfg.model
     if m.source == "tiny":
         return tiny_lm_kwargs(**m.tiny), None
+    if m.init_from is not None:  # a whole fine-tuned model replaces the base (architecture included)
+        init = init_from_files(m.init_from)
+        if init.full is not None:
+            return merged_config(init), str(init.full)
+        if m.source == "local" and not (m.config_path and m.moshi_weights):
+            raise ConfigError(
+                f"model.init_from: {init.directory} holds LoRA adapters only; give the base they were trained "
+                "on (model.config_path and model.moshi_weights, or model.source: hf)"
+            )
     if m.source == "local":
         config_path, weights = Path(m.config_path), m.moshi_weights
     else:
@@ -68,12 +79,12 @@ def resolve_base(cfg: TrainConfig) -> tuple[dict[str, Any], str | None]:
         config_path = Path(m.config_path or hf_hub_download(m.hf_repo, "config.json"))
         weights = None if m.moshi_weights is None else str(loaders.hf_get(m.moshi_weights))
     if not config_path.is_file():
-        raise FileNotFoundError(f"model.config_path: {config_path} does not exist")
+        raise ConfigError(f"model.config_path: {config_path} does not exist")
     raw = json.loads(config_path.read_text())
     if weights is None:
         weights = str(loaders.hf_get(raw.get("moshi_name", "model.safetensors"), m.hf_repo))
     if not Path(weights).is_file():
-        raise FileNotFoundError(f"model.moshi_weights: {weights} does not exist")
+        raise ConfigError(f"model.moshi_weights: {weights} does not exist")
     return raw, weights
 
 
@@ -90,28 +101,22 @@ def _init_lora(model: nn.Module) -> None:
 
 def _materialise(model: nn.Module, device: torch.device) -> None:
     """Allocate and initialise parameters still on meta after loading (new TTT / LoRA tensors)."""
+    ttt_layers = dict(named_ttt_layers(model))
     for mod_name, module in model.named_modules():
-        fresh = False
+        if mod_name in ttt_layers:  # its new parameters, by the TTT layer contract
+            ttt_layers[mod_name].materialise_new_parameters(device)
         for name, p in list(module.named_parameters(recurse=False)):
             if not p.is_meta:
                 continue
             full = f"{mod_name}.{name}" if mod_name else name
             new = torch.empty(p.shape, dtype=p.dtype, device=device)
-            if isinstance(module, TTTGating) and name in ("target_conv", "write_gate_w", "write_gate_b"):
-                new.zero_()
-            elif isinstance(module, TTTGating) and name == "target_proj":
-                new.copy_(torch.eye(p.shape[0], dtype=p.dtype))
-            elif isinstance(module, TTTMLPGating) and name in module.TTT_PARAMS:
-                fresh = True  # initialised below, all branch tensors together
-            elif "lora_A" in full:
+            if "lora_A" in full:
                 nn.init.kaiming_uniform_(new, a=math.sqrt(5))
             elif "lora_B" in full:
                 new.zero_()
             else:
                 raise ValueError(f"{full} is missing from the checkpoint and has no initialisation rule")
             setattr(module, name, nn.Parameter(new, requires_grad=p.requires_grad))
-        if fresh:
-            module.reset_ttt_parameters()
         for name, b in list(module.named_buffers(recurse=False)):
             if b is not None and b.is_meta:
                 full = f"{mod_name}.{name}" if mod_name else name
@@ -139,20 +144,22 @@ def build_model(cfg: TrainConfig, device: torch.device) -> BuiltModel:
         if cfg.model.source == "tiny":
             _init_lora(model)
     if weights is not None:
-        state = load_file(weights)
+        state = read_moshi_weights(weights, cfg.model.allow_pickle)
+        if cfg.model.init_from is not None:
+            state = init_state(cfg.model.init_from, raw_config, state, CONFIG_META_KEYS)
         dtype = next(p for p in model.parameters()).dtype
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         try:
             res = model.load_state_dict(state, strict=False, assign=True)
         except RuntimeError as e:
-            raise ValueError(
+            raise ConfigError(
                 f"{weights} does not match the architecture in the model config (check model.config_path): {e}"
             ) from e
-        new_ttt = ("target_conv", "target_proj", "write_gate_w", "write_gate_b") + TTTMLPGating.TTT_PARAMS
-        allowed = tuple(f".gating.{n}" for n in new_ttt) + ("lora_A.weight", "lora_B.weight")
-        bad_missing = [k for k in res.missing_keys if not k.endswith(allowed)]
+        new_ttt = {f"{n}.{p}" for n, layer in named_ttt_layers(model) for p in layer.new_param_names()}
+        lora = ("lora_A.weight", "lora_B.weight")
+        bad_missing = [k for k in res.missing_keys if k not in new_ttt and not k.endswith(lora)]
         if res.unexpected_keys or bad_missing:
-            raise ValueError(
+            raise ConfigError(
                 f"{weights} does not match the configured architecture: missing {bad_missing[:8]}, "
                 f"unexpected {res.unexpected_keys[:8]}; check model.config_path"
             )
@@ -167,18 +174,14 @@ def build_model(cfg: TrainConfig, device: torch.device) -> BuiltModel:
 
 
 def param_groups(model: nn.Module) -> dict[str, str]:
-    """``{parameter name: group}`` with groups lora, ttt_target (In-Place TTT's conv and W_target),
-    w_down, ttt_mlp (the TTT-MLP branch), slow (the TTT layers' own MLP weights, LoRA-wrapped or not)
-    and rest."""
+    """``{parameter name: group}``: the TTT weights in their layers' own groups
+    (``moshi_ttt.ParamGroup``: ``ttt_target``, ``w_down``, ``ttt_mlp``, ...), then slow (the TTT
+    layers' own MLP weights, LoRA-wrapped or not), lora and rest."""
     slow: list[str] = []
     ttt: dict[str, str] = {}
-    for n, m in model.named_modules():
-        if isinstance(m, TTT_GATINGS):
-            slow += [f"{n}.{p}" for p in m.SLOW_PARAMS]
-            for t in m.TTT_PARAMS:
-                ttt[f"{n}.{t}"] = (
-                    ("w_down" if t == "w_down" else "ttt_target") if isinstance(m, TTTGating) else "ttt_mlp"
-                )
+    for n, layer in named_ttt_layers(model):
+        slow += [f"{n}.{p}" for p in layer.SLOW_PARAMS]
+        ttt.update({f"{n}.{p}": g.name for g in layer.PARAM_GROUPS for p in g.params})
     slow_prefixes = tuple(slow)
     out = {}
     for name, _ in model.named_parameters():
@@ -193,16 +196,22 @@ def param_groups(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def embedding_params(model: nn.Module) -> set[str]:
+    """Names of the embedding tables' weights (text and audio, main model and depformer)."""
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+
+
 def set_trainable(model: nn.Module, cfg: TrainConfig) -> None:
-    """requires_grad per ``finetune`` mode, ``ttt.freeze_slow_weights`` and ``ttt.train_w_down``."""
+    """requires_grad per ``finetune`` mode, ``ttt.freeze_slow_weights`` and ``ttt.train_w_down``
+    (which applies to the TTT weights taken from the base checkpoint: In-Place TTT's ``w_down``)."""
     freeze_slow = cfg.freeze_slow_weights
     groups = param_groups(model)
+    ttt_groups = ttt_param_groups()
+    embeddings = embedding_params(model) if cfg.lora.train_embeddings else set()
     for name, p in model.named_parameters():
         group = groups[name]
-        if group in ("ttt_target", "ttt_mlp"):
-            train = True
-        elif group == "w_down":
-            train = cfg.ttt.train_w_down
+        if group in ttt_groups:
+            train = cfg.ttt.train_w_down if ttt_groups[group].pretrained else True
         elif group == "slow":
             if freeze_slow:
                 train = False
@@ -213,7 +222,7 @@ def set_trainable(model: nn.Module, cfg: TrainConfig) -> None:
         elif cfg.finetune == "full":
             train = True
         elif cfg.finetune == "lora":
-            train = group == "lora"
+            train = group == "lora" or name in embeddings
         else:  # ttt_only
             train = False
         p.requires_grad_(train)
@@ -223,9 +232,7 @@ def param_table(model: nn.Module) -> str:
     """A table of parameter counts per group, total and trainable, for the start-of-run log."""
     labels = {
         "lora": "LoRA adapters",
-        "ttt_target": "TTT target path (conv, W_target)",
-        "w_down": "TTT w_down (fast-weight init W^(0))",
-        "ttt_mlp": "TTT-MLP branch (proj., fast-weight init)",
+        **{name: g.label for name, g in ttt_param_groups().items()},
         "slow": "TTT layers' slow MLP weights",
         "rest": "rest of Moshi",
     }
@@ -237,21 +244,23 @@ def param_table(model: nn.Module) -> str:
         total[g] += p.numel()
         if p.requires_grad:
             train[g] += p.numel()
-    rows = [f"{'group':<38} {'params':>14} {'trainable':>14}"]
+    w = max(map(len, labels.values()))  # the TTT variants name their own rows
+    rows = [f"{'group':<{w}} {'params':>14} {'trainable':>14}"]
     for k, label in labels.items():
-        rows.append(f"{label:<38} {total[k]:>14,} {train[k]:>14,}")
-    rows.append(f"{'total':<38} {sum(total.values()):>14,} {sum(train.values()):>14,}")
+        rows.append(f"{label:<{w}} {total[k]:>14,} {train[k]:>14,}")
+    rows.append(f"{'total':<{w}} {sum(total.values()):>14,} {sum(train.values()):>14,}")
     return "\n".join(rows)
 
 
 def optimizer_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """AdamW groups: TTT parameters may have their own lr; no weight decay on norms and embeddings."""
     kinds = param_groups(model)
+    ttt_groups = ttt_param_groups()
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_ttt = kinds[name] in ("ttt_target", "w_down", "ttt_mlp")
+        is_ttt = kinds[name] in ttt_groups
         decay = p.dim() >= 2 and "emb" not in name
         groups.setdefault((is_ttt, decay), []).append(p)
     out = []
@@ -271,3 +280,19 @@ def optimizer_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]
             "no parameter is trainable with this configuration (check finetune and ttt settings)"
         )
     return out
+
+
+def read_moshi_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """A base Moshi state dict: safetensors, or (only with ``allow_pickle``) moshi's pickled ``.pt``
+    package, read the way moshi reads it (``torch.load`` without ``weights_only``: it can run code)."""
+    from .preflight import SAFETENSORS_SUFFIXES, check_moshi_weights
+
+    if Path(path).suffix in SAFETENSORS_SUFFIXES:
+        return load_file(str(path))
+    check_moshi_weights(str(path), allow_pickle)
+    pkg = torch.load(path, map_location="cpu", weights_only=False)  # opted in: model.allow_pickle
+    if isinstance(pkg, dict) and "fsdp_best_state" in pkg:  # moshi's training package
+        pkg = pkg["fsdp_best_state"]["model"]
+    if not isinstance(pkg, dict):
+        raise ConfigError(f"model.moshi_weights: {path} does not hold a state dict")
+    return pkg

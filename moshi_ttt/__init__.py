@@ -22,21 +22,28 @@ from .checkpoint import (  # noqa: E402
 )
 from .config import TARGET_SOURCES, TTTConfig  # noqa: E402
 from .gating import TTTGating  # noqa: E402
-from .patch import apply_ttt, ttt_gatings, ttt_info  # noqa: E402
+from .layer import ParamGroup, TTTLayer, named_ttt_layers  # noqa: E402
+from .patch import apply_ttt, set_ttt_updates, ttt_gatings, ttt_info  # noqa: E402
 from .streaming import TTTLMGen  # noqa: E402
 from .ttt_mlp import TTTMLPGating  # noqa: E402
+from .variants import VARIANTS  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
     "TARGET_SOURCES",
+    "VARIANTS",
+    "ParamGroup",
     "TTTConfig",
     "TTTGating",
     "TTTLMGen",
+    "TTTLayer",
     "TTTMLPGating",
     "apply_ttt",
     "load_ttt_config",
     "load_ttt_weights",
+    "named_ttt_layers",
     "save_ttt_weights",
+    "set_ttt_updates",
     "to_moshi_state_dict",
     "ttt_gatings",
     "ttt_info",

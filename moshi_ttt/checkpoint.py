@@ -1,15 +1,16 @@
 """Saving and loading the TTT weights of a model, beside a base Moshi checkpoint.
 
-A TTT file is a safetensors file with the trainable tensors of every TTT gating (``w_down``, the fast
-weight's initial state, and the target path ``target_conv`` / ``target_proj``), keyed by their names
-in the ``LMModel``, and the :class:`TTTConfig` as JSON in the file's metadata. Rebuilding a TTT model is::
+A TTT file is a safetensors file with the TTT weights of every TTT layer
+(:meth:`TTTLayer.ttt_param_names`; for In-Place TTT ``w_down``, the fast weight's initial state, and
+the target path ``target_conv`` / ``target_proj``), keyed by their names in the ``LMModel``, and the
+:class:`TTTConfig` as JSON in the file's metadata. Rebuilding a TTT model is::
 
     model = <base Moshi, e.g. CheckpointInfo.get_moshi(...)>   # linear_out weights = pretrained W_down
     apply_ttt(model, load_ttt_config(path))                    # w_down_pretrained <- linear_out
     load_ttt_weights(model, path)                              # trained w_down and target path
 
 ``to_moshi_state_dict`` maps a TTT model back to the key layout moshi's ``get_moshi_lm`` loads
-(``w_down`` -> ``linear_out.weight``, TTT-only tensors dropped).
+(:attr:`TTTLayer.MOSHI_KEYS`: ``w_down`` -> ``linear_out.weight``; TTT-only tensors dropped).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import TTTConfig
-from .gating import TTTGating
-from .patch import TTT_GATINGS, ttt_info
+from .layer import named_ttt_layers
+from .patch import ttt_info
 
 FORMAT = "moshi_ttt.v1"
 
@@ -46,11 +47,10 @@ def ttt_state_dict(
     """
     _require_ttt(model)
     out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, TTT_GATINGS):
-            for t in module.TTT_PARAMS:
-                key = f"{name}.{t}"
-                out[key] = (state_dict[key] if state_dict is not None else getattr(module, t)).detach()
+    for name, layer in named_ttt_layers(model):
+        for t in layer.ttt_param_names():
+            key = f"{name}.{t}"
+            out[key] = (state_dict[key] if state_dict is not None else getattr(layer, t)).detach()
     return out
 
 
@@ -60,6 +60,9 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     os.close(fd)
     try:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600: give the file the mode a plain write would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -133,23 +136,32 @@ def load_ttt_weights(model: nn.Module, path: str | os.PathLike, *, check_config:
 
 
 def to_moshi_state_dict(
-    model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+    model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None, *, lora_rank: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """A state dict in moshi's own layout: ``w_down`` becomes ``linear_out.weight``.
+    """A state dict in moshi's own layout: a TTT layer keeps its slow weights, its
+    :attr:`~TTTLayer.MOSHI_KEYS` are renamed (``w_down`` becomes ``linear_out.weight``) and its other
+    tensors are dropped.
 
-    Loaded into a vanilla ``LMModel`` it gives the TTT model with its fast weights frozen at
-    ``W^(0)`` (no TTT updates); the TTT file restores the rest.
+    Loaded into a vanilla ``LMModel`` it gives the In-Place TTT model with its fast weights frozen at
+    ``W^(0)`` (no TTT updates); the TTT file restores the rest. ``lora_rank``: for a moshi LoRA
+    export, whose loading wraps every ``Linear``: the renamed weights also get zero ``lora_A`` /
+    ``lora_B`` adapters of that rank.
     """
     out = {}
-    gatings = {name + ".": m for name, m in model.named_modules() if isinstance(m, TTT_GATINGS)}
+    layers = {name + ".": m for name, m in named_ttt_layers(model)}
     for k, v in (model.state_dict() if state_dict is None else state_dict).items():
-        prefix = next((p for p in gatings if k.startswith(p)), None)
+        prefix = next((p for p in layers if k.startswith(p)), None)
         if prefix is None:
             out[k] = v
             continue
-        rest = k[len(prefix) :]
-        if rest == "w_down" and isinstance(gatings[prefix], TTTGating):
-            out[prefix + "linear_out.weight"] = v
-        elif rest.startswith(gatings[prefix].SLOW_PARAMS):
+        rest, layer = k[len(prefix) :], layers[prefix]
+        if rest in layer.MOSHI_KEYS:
+            key = prefix + layer.MOSHI_KEYS[rest]
+            out[key] = v
+            if lora_rank is not None:  # [d_out, d_in] weight: A [rank, d_in], B [d_out, rank]
+                stem = key.removesuffix("weight")
+                out[stem + "lora_A.weight"] = torch.zeros(lora_rank, v.shape[1])
+                out[stem + "lora_B.weight"] = torch.zeros(v.shape[0], lora_rank)
+        elif rest.startswith(layer.SLOW_PARAMS):
             out[k] = v
     return out

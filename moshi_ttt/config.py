@@ -15,7 +15,6 @@ from typing import Any
 
 TARGET_SOURCES = ("text_emb", "input_emb", "hidden")
 FAST_FORMS = ("auto", "dual", "scan")
-VARIANTS = ("inplace", "mlp")
 
 
 @dataclass
@@ -37,9 +36,10 @@ class TTTConfig:
         start_layer, layer_frequency: select layers ``start_layer, start_layer + layer_frequency, ...``.
         fast_form: ``auto`` picks the quadratic dual form for short sequences and the linear
             chunk scan for long ones (see :func:`moshi_ttt.ops.ttt_chunked`).
-        variant: ``inplace`` (In-Place TTT: the MLP's ``w_down`` is the fast weight) or ``mlp`` (a
-            TTT-MLP residual branch beside the MLP, :mod:`moshi_ttt.ttt_mlp`; ``chunk_size`` is its
-            mini-batch, ``eta`` its base inner learning rate; the conv/target settings do not apply).
+        variant: a name in :data:`moshi_ttt.variants.VARIANTS`: ``inplace`` (In-Place TTT: the MLP's
+            ``w_down`` is the fast weight, :mod:`moshi_ttt.gating`) or ``mlp`` (a TTT-MLP residual
+            branch beside the MLP, :mod:`moshi_ttt.ttt_mlp`; ``chunk_size`` is its mini-batch,
+            ``eta`` its base inner learning rate; the conv/target settings do not apply).
         mlp_heads, mlp_expansion: heads of the TTT-MLP branch and the hidden size of each head's
             fast MLP as a multiple of the head dimension.
     """
@@ -56,7 +56,6 @@ class TTTConfig:
     variant: str = "inplace"
     mlp_heads: int = 4
     mlp_expansion: int = 4
-    write_gate: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -95,10 +94,10 @@ class TTTConfig:
             raise bad("layer_frequency", "must be an integer >= 1")
         if self.fast_form not in FAST_FORMS:
             raise bad("fast_form", f"must be one of {', '.join(FAST_FORMS)}")
+        from .variants import VARIANTS  # here, not at the top: the variant modules import this one
+
         if self.variant not in VARIANTS:
             raise bad("variant", f"must be one of {', '.join(VARIANTS)}")
-        if not isinstance(self.write_gate, bool):
-            raise bad("write_gate", "must be true or false")
         for name in ("mlp_heads", "mlp_expansion"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise bad(name, "must be an integer >= 1")

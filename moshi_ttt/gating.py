@@ -1,6 +1,7 @@
-"""The TTT gating: Moshi's gated MLP whose output projection is an In-Place TTT fast weight.
+"""The In-Place TTT layer (``variant: inplace``): Moshi's gated MLP whose output projection is a fast weight.
 
-``TTTGating`` replaces ``moshi.modules.gating.ActivationGating`` in a selected layer:
+``TTTGating`` implements :class:`moshi_ttt.layer.TTTLayer` and replaces
+``moshi.modules.gating.ActivationGating`` in a selected layer:
 
 - ``linear_in`` (``[W_gate; W_up]``) is kept as it is (possibly LoRA-wrapped): slow weights.
 - ``w_down`` ``[d, h]`` is ``W^(0)``, the fast weight's initial state, a trainable parameter that
@@ -12,7 +13,7 @@
   equals the base model at step 0, while ``dLoss/d target_conv = X * (dLoss/dV)`` is nonzero, so
   the target path learns (two zero factors would form a saddle with no gradient).
 
-Training (no streaming state) runs :func:`moshi_ttt.ops.ttt_chunked` over the whole sequence.
+Training (no streaming state) runs :func:`moshi_ttt.ops.inplace.ttt_chunked` over the whole sequence.
 Streaming keeps one float32 accumulated update ``delta = W^(i-1) - W^(0)`` per batch element in
 ``_TTTState``: each step is computed with the weight of its chunk's start, as ``z W^(0)T`` (the
 base term, in the dtype training uses for it) plus ``z delta^T`` (float32); ``z`` and the source are
@@ -29,32 +30,34 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from moshi.modules.streaming import State, StreamingModule
 from torch import nn
 from torch.nn import functional as F
 
 from .config import TTTConfig
-from .ops import _base_dtype, ttt_chunked
+from .layer import ParamGroup, TTTLayer, TTTState, full_tensor
+from .ops.common import no_autocast
+from .ops.inplace import base_term, ttt_chunked
 
 
 @dataclass
-class _TTTState(State):
+class _TTTState(TTTState):
     """Per-batch-element fast-weight state of one TTT gating while streaming."""
 
     delta: torch.Tensor  # [B, d, h] float32: the accumulated update, W^(i-1) - W^(0)
     w0: torch.Tensor  # [d, h]: the initial weight W^(0) (a view of the parameter)
     buf_z: torch.Tensor  # [B, C, h] float32: activations of the current chunk so far
     buf_src: torch.Tensor  # [B, C, d_src]: target source of the current chunk so far
-    pos: torch.Tensor  # [B] int64 on CPU: tokens of the current chunk seen so far
-    # The same positions on the model's device, for CUDA-graph steps (see TTTGating.prepare_graph_step).
+    # `pos` on the model's device, for CUDA-graph steps (see TTTGating.prepare_graph_step).
     pos_dev: torch.Tensor
     pos_dev_stale: bool = False  # eager steps moved `pos` since pos_dev was last written
     graph_steps: bool = False  # graph steps moved `pos_dev` since `pos` was last read back
 
+    def chunk_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.buf_z, self.buf_src
+
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
         self.delta[reset_mask.to(self.delta.device)] = 0.0
-        self.pos[reset_mask.cpu()] = 0
         self.pos_dev.masked_fill_(reset_mask.to(self.pos_dev.device), 0)
 
 
@@ -72,12 +75,17 @@ def _weight_of(linear: nn.Module) -> torch.Tensor:
     )
 
 
-class TTTGating(StreamingModule[_TTTState]):
+class TTTGating(TTTLayer[_TTTState]):
     """Gated MLP with an In-Place TTT output projection. Build it with :meth:`from_gating`."""
 
-    _fsdp_final = True
-    TTT_PARAMS = ("w_down", "target_conv", "target_proj")  # what a TTT weights file holds
+    VARIANT = "inplace"
+    PARAM_GROUPS = (
+        ParamGroup("ttt_target", "TTT target path (conv, W_target)", ("target_conv", "target_proj")),
+        ParamGroup("w_down", "TTT w_down (fast-weight init W^(0))", ("w_down",), pretrained=True),
+    )
     SLOW_PARAMS = ("linear_in.",)  # the layer's slow weights (W_gate, W_up)
+    MOSHI_KEYS = {"w_down": "linear_out.weight"}
+    GRAPH_STEPS = True
 
     def __init__(
         self,
@@ -100,38 +108,19 @@ class TTTGating(StreamingModule[_TTTState]):
         K = config.conv_kernel_size
         self.target_conv = nn.Parameter(torch.zeros(d, 1 if config.conv_depthwise else d, K, **factory))
         self.target_proj = nn.Parameter(torch.empty(d, d, **factory))
-        if config.write_gate:
-            # Per-token write strength g_t = 2 sigmoid(src_t . w + b), 1 at init (w = b = 0).
-            self.write_gate_w = nn.Parameter(torch.zeros(d, **factory))
-            self.write_gate_b = nn.Parameter(torch.zeros(1, **factory))
-            self.TTT_PARAMS = type(self).TTT_PARAMS + ("write_gate_w", "write_gate_b")
-        self.reset_target_parameters()
-        self.freeze_updates = False  # streaming: keep the fast weights at W^(0) (to compare with/without TTT)
-        self.graph_mode = False  # streaming: capturable one-step path, set by moshi_ttt.TTTLMGen per step
-        self.record_stats = False  # training telemetry: set to keep last_update_norm of the next forward
-        self.last_update_norm: torch.Tensor | None = None
+        self.init_new_parameters()
         self._register_load_state_dict_pre_hook(self._map_vanilla_keys)
 
     @classmethod
-    def from_gating(cls, gating: nn.Module, config: TTTConfig) -> TTTGating:
-        """Turn a moshi ``ActivationGating`` (plain or LoRA-wrapped) into a TTT gating."""
-        for attr in ("linear_in", "linear_out", "activation"):
-            if not hasattr(gating, attr):
-                raise ValueError(
-                    f"TTT needs a gated MLP (moshi ActivationGating with linear_in/linear_out), got "
-                    f"{type(gating).__name__} without `{attr}`; build the model with gating='silu'"
-                )
+    def _wrap(cls, gating: nn.Module, config: TTTConfig) -> TTTGating:
         lo = gating.linear_out
         w = lo.weight if isinstance(lo, nn.Linear) else nn.Parameter(_weight_of(lo).detach().clone())
         return cls(gating.linear_in, w, gating.activation, config)
 
-    def reset_target_parameters(self) -> None:
+    def init_new_parameters(self) -> None:
         """Zero conv and identity projection: V = 0 (base model) with a live gradient path."""
         with torch.no_grad():
             self.target_conv.zero_()
-            if self.config.write_gate:
-                self.write_gate_w.zero_()
-                self.write_gate_b.zero_()
             if self.target_proj.device.type != "meta":
                 self.target_proj.copy_(torch.eye(self.dim, dtype=self.target_proj.dtype))
 
@@ -143,16 +132,10 @@ class TTTGating(StreamingModule[_TTTState]):
                 state_dict.setdefault(prefix + "w_down", w)
                 state_dict.setdefault(prefix + "w_down_pretrained", w.to(torch.float32))
 
-    def telemetry(self) -> dict[str, float]:
-        """Training telemetry: ``||w_down - w_down_pretrained||`` and the last sequence's update norm."""
-        w = self.w_down.detach()
-        if hasattr(w, "full_tensor"):  # sharded (FSDP2): a collective, every rank calls it
-            w = w.full_tensor()
-        out = {"w_down_drift": (w.float() - self.w_down_pretrained).norm().item()}
-        if self.last_update_norm is not None:
-            out["update_norm"] = self.last_update_norm.item()
-            self.last_update_norm = None
-        return out
+    def _param_telemetry(self) -> dict[str, float]:
+        """``||w_down - w_down_pretrained||``: how far W^(0) moved from the checkpoint's W_down."""
+        w = full_tensor(self.w_down.detach())
+        return {"w_down_drift": (w.float() - self.w_down_pretrained).norm().item()}
 
     def extra_repr(self) -> str:
         c = self.config
@@ -163,13 +146,6 @@ class TTTGating(StreamingModule[_TTTState]):
         )
 
     # ---------------------------------------------------------------- computations
-    def activations(self, x: torch.Tensor) -> torch.Tensor:
-        """``Z = act(x W_gate^T) * (x W_up^T)``, ``[B, T, h]``, as in moshi's gating kernel."""
-        y = self.linear_in(x)
-        B, T, _ = y.shape
-        y = y.view(B, T, 2, -1)
-        return self.activation(y[..., 0, :]) * y[..., 1, :]
-
     def target(self, src: torch.Tensor) -> torch.Tensor:
         """``V = Conv1D_K(src) W_target^T`` per chunk of the grid starting at ``src[:, 0]``: ``[B, T, d]``."""
         B, T, D = src.shape
@@ -182,41 +158,13 @@ class TTTGating(StreamingModule[_TTTState]):
         groups = D if self.config.conv_depthwise else 1
         y = F.conv1d(x, self.target_conv.to(x.dtype), groups=groups)  # [B n, D, L]
         y = y.transpose(1, 2).reshape(B, n * L, D)[:, :T]
-        v = F.linear(y, self.target_proj.to(y.dtype))
-        if self.config.write_gate:
-            g = 2 * torch.sigmoid(F.linear(src, self.write_gate_w.to(src.dtype)[None], self.write_gate_b.to(src.dtype)))
-            v = v * g  # [B, T, d] * [B, T, 1]
-        return v
+        return F.linear(y, self.target_proj.to(y.dtype))
 
-    def _check_src(self, x: torch.Tensor, src: torch.Tensor | None) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"TTT gating input must be [B, T, {self.dim}], got {tuple(x.shape)}")
-        if x.shape[1] == 0:
-            raise ValueError("TTT gating got an empty sequence (T = 0)")
-        if self.config.target_source == "hidden":
-            return x if src is None else src
-        if src is None:
-            raise ValueError(
-                f"TTT target source '{self.config.target_source}' is missing: run the model through "
-                "LMModel.forward / forward_text / LMGen after moshi_ttt.apply_ttt (which captures it), "
-                "or pass ttt_src=... to the transformer"
-            )
-        if src.shape != x.shape:
-            raise ValueError(
-                f"TTT target source '{self.config.target_source}' has shape {tuple(src.shape)}, "
-                f"expected {tuple(x.shape)} (same [B, T, d] as the MLP input)"
-            )
-        if src.device != x.device:
-            raise ValueError(f"TTT target source is on {src.device} but the MLP input is on {x.device}")
-        return src
-
-    def forward(self, x: torch.Tensor, src: torch.Tensor | None = None) -> torch.Tensor:
-        src = self._check_src(x, src)
+    def _forward_sequence(self, x: torch.Tensor, src: torch.Tensor, update: bool) -> torch.Tensor:
         z = self.activations(x)
-        state = self._streaming_state
-        if state is not None:
-            stream = self._stream_graph_step if self.graph_mode else self._stream
-            return stream(z, src, state).to(x.dtype)
+        if not update:  # every chunk with W^(0): Moshi's own linear_out with w_down as its weight
+            with no_autocast(z.device):
+                return base_term(z, self.w_down).to(z.dtype)
         v = self.target(src)
         out, _ = ttt_chunked(
             z,
@@ -241,33 +189,38 @@ class TTTGating(StreamingModule[_TTTState]):
         return _TTTState(
             batch_size,
             dev,
+            pos=torch.zeros(batch_size, dtype=torch.long),
             delta=torch.zeros(batch_size, self.dim, self.hidden, device=dev, dtype=torch.float32),
             w0=w0,
             buf_z=torch.zeros(batch_size, C, self.hidden, device=dev, dtype=torch.float32),
             buf_src=torch.zeros(batch_size, C, self.dim, device=dev, dtype=w0.dtype),
-            pos=torch.zeros(batch_size, dtype=torch.long),
             pos_dev=torch.zeros(batch_size, dtype=torch.long, device=dev),
         )
 
-    def _output(self, z: torch.Tensor, zf: torch.Tensor, state: _TTTState) -> torch.Tensor:
+    def _chunk_start_output(self, state: _TTTState, z: torch.Tensor, zf: torch.Tensor) -> torch.Tensor:
         """``z W^(0)T`` (the base term, in the dtype training uses for it) ``+ z delta^T`` (float32)."""
-        bdt = _base_dtype(z, torch.float32)
-        return torch.baddbmm(F.linear(z.to(bdt), state.w0.to(bdt)).float(), zf, state.delta.transpose(1, 2))
+        return torch.baddbmm(base_term(z, state.w0).float(), zf, state.delta.transpose(1, 2))
 
-    def _complete_chunks(self, state: _TTTState, done: torch.Tensor) -> None:
-        """Chunk end for the elements in ``done`` (CPU bool [B]): W^(i) = W^(i-1) + eta V[i]^T Z[i]."""
-        if not self.freeze_updates:
-            eta = self.config.eta
-            if bool(done.all()):
-                v = self.target(state.buf_src).to(torch.float32)  # [B, C, d] over the whole chunk
-                state.delta.baddbmm_(v.transpose(1, 2), state.buf_z, alpha=eta)  # in place
-            else:
-                idx = done.nonzero().flatten().tolist()
-                v = self.target(state.buf_src[idx]).to(torch.float32)  # [k, C, d]
-                for j, b in enumerate(idx):
-                    state.delta[b].addmm_(v[j].t(), state.buf_z[b], alpha=eta)
-        state.pos[done] = 0
+    def _apply_update(self, state: _TTTState, done: torch.Tensor) -> None:
+        """W^(i) = W^(i-1) + eta V[i]^T Z[i] for the elements in ``done``."""
+        eta = self.config.eta
+        if bool(done.all()):
+            v = self.target(state.buf_src).to(torch.float32)  # [B, C, d] over the whole chunk
+            state.delta.baddbmm_(v.transpose(1, 2), state.buf_z, alpha=eta)  # in place
+        else:
+            idx = done.nonzero().flatten().tolist()
+            v = self.target(state.buf_src[idx]).to(torch.float32)  # [k, C, d]
+            for j, b in enumerate(idx):
+                state.delta[b].addmm_(v[j].t(), state.buf_z[b], alpha=eta)
+
+    def _forward_stream(self, x: torch.Tensor, src: torch.Tensor, state: _TTTState) -> torch.Tensor:
+        if state.graph_steps:  # graph-mode steps ran before this eager call
+            self.prepare_graph_step()
+        z = self.activations(x)
+        zf = z.to(torch.float32)
         state.pos_dev_stale = True
+        outs = self._stream_chunks(state, (z, zf), (zf, src))
+        return torch.cat(outs, dim=1).to(x.dtype)
 
     @torch.no_grad()
     def prepare_graph_step(self, pos: torch.Tensor | None = None) -> None:
@@ -284,68 +237,26 @@ class TTTGating(StreamingModule[_TTTState]):
             done = state.pos >= self.config.chunk_size
             if bool(done.any()):
                 self._complete_chunks(state, done)
+                state.pos_dev_stale = True
         if state.pos_dev_stale:
             state.pos_dev.copy_(state.pos)
             state.pos_dev_stale = False
 
     @torch.no_grad()
-    def _stream_graph_step(self, z: torch.Tensor, src: torch.Tensor, state: _TTTState) -> torch.Tensor:
+    def _forward_graph_step(self, x: torch.Tensor, src: torch.Tensor, state: _TTTState) -> torch.Tensor:
         """One streaming step that a CUDA graph can capture and replay: no host sync and no branch on
         data. The output uses the chunk-start weight; ``z`` and the source go into the chunk buffers
         at the device-side position, which advances where ``exec_mask`` is set. The chunk-end update
         is left to :meth:`prepare_graph_step` before the next step."""
-        B, T, _ = z.shape
+        B, T, _ = x.shape
         if T != 1:
             raise ValueError(f"graph-mode TTT streaming takes one step per call, got {T}")
-        if B != state.batch_size:
-            raise ValueError(f"streaming batch size is {state.batch_size}, got an input of batch {B}")
+        z = self.activations(x)
         zf = z.to(torch.float32)
-        out = self._output(z, zf, state)
+        out = self._chunk_start_output(state, z, zf)
         # A completed chunk waits for prepare_graph_step; clamping keeps a forgotten call in bounds.
         idx = state.pos_dev.clamp(max=self.config.chunk_size - 1).view(B, 1, 1)
         state.buf_z.scatter_(1, idx.expand(B, 1, self.hidden), zf)
         state.buf_src.scatter_(1, idx.expand(B, 1, src.shape[-1]), src.to(state.buf_src.dtype))
         state.pos_dev.add_(state.exec_mask.to(torch.long))
-        return out
-
-    @torch.no_grad()
-    def _stream(self, z: torch.Tensor, src: torch.Tensor, state: _TTTState) -> torch.Tensor:
-        if z.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "TTT streaming under a CUDA graph needs the graph-mode step: stream with "
-                "moshi_ttt.TTTLMGen instead of moshi's LMGen (or set NO_CUDA_GRAPH=1)"
-            )
-        if state.graph_steps:  # graph-mode steps ran before this eager call
-            self.prepare_graph_step()
-        B, T, _ = z.shape
-        if B != state.batch_size:
-            raise ValueError(f"streaming batch size is {state.batch_size}, got an input of batch {B}")
-        C = self.config.chunk_size
-        zf = z.to(torch.float32)
-        src = src.to(state.buf_src.dtype)
-        active = state.exec_mask.cpu()
-        pos = state.pos
-        outs = []
-        t = 0
-        while t < T:
-            L = T - t
-            if active.any():
-                L = min(L, int((C - pos[active]).min()))
-            zs, ss = zf[:, t : t + L], src[:, t : t + L]
-            outs.append(self._output(z[:, t : t + L], zs, state))  # [B, L, d], chunk-start weight
-            if active.all() and bool((pos == pos[0]).all()):
-                p = int(pos[0])
-                state.buf_z[:, p : p + L] = zs
-                state.buf_src[:, p : p + L] = ss
-            else:
-                for b in active.nonzero().flatten().tolist():
-                    p = int(pos[b])
-                    state.buf_z[b, p : p + L] = zs[b]
-                    state.buf_src[b, p : p + L] = ss[b]
-            pos[active] += L
-            state.pos_dev_stale = True
-            done = pos == C
-            if done.any():
-                self._complete_chunks(state, done)
-            t += L
-        return torch.cat(outs, dim=1)
+        return out.to(x.dtype)

@@ -1,13 +1,15 @@
-"""`apply_ttt`: turn selected MLPs of a moshi ``LMModel`` into In-Place TTT layers, in place.
+"""`apply_ttt`: turn selected MLPs of a moshi ``LMModel`` into TTT layers, in place.
 
 No moshi source is edited. Three things happen:
 
 1. Every main-transformer layer gets a subclass of its own class (``TTT<Class>``) whose ``forward``
    accepts a ``ttt_src`` keyword and hands it to a TTT gating. The depformer (which restarts every
    frame and has no long context) and Mimi are never touched.
-2. The gating of each selected layer becomes a :class:`~moshi_ttt.gating.TTTGating`, with ``w_down``
-   taken from the layer's ``linear_out`` (merged first when it is a moshi ``LoRALinear``).
-3. For ``target_source`` ``text_emb`` / ``input_emb``, hooks on ``model.text_emb`` and
+2. The gating of each selected layer becomes the configured variant's
+   :class:`~moshi_ttt.layer.TTTLayer` (:data:`moshi_ttt.variants.VARIANTS`), built from it: for
+   In-Place TTT, ``w_down`` is taken from the layer's ``linear_out`` (merged first when it is a
+   moshi ``LoRALinear``).
+3. For a layer that reads ``text_emb`` / ``input_emb`` (:meth:`TTTLayer.source`), hooks on ``model.text_emb`` and
    ``model.transformer`` capture the source and pass it to the layers as the ``ttt_src`` keyword,
    which ``torch.utils.checkpoint`` keeps for recomputation under gradient checkpointing.
 """
@@ -24,10 +26,8 @@ from moshi.modules.transformer import StreamingTransformerLayer
 from torch import nn
 
 from .config import TTTConfig
-from .gating import TTTGating
-from .ttt_mlp import TTTMLPGating
-
-TTT_GATINGS = (TTTGating, TTTMLPGating)
+from .layer import TTTLayer, named_ttt_layers
+from .variants import variant_class
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def _ttt_layer_class(cls: type) -> type:
 
     def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
         gating = self.gating
-        if not isinstance(gating, TTT_GATINGS):
+        if not isinstance(gating, TTTLayer):
             return cls._ff_block(self, x)
         x_orig = x
         x = self.norm2(x)
@@ -89,17 +89,25 @@ def ttt_info(model: nn.Module) -> TTTModelInfo | None:
     return getattr(model, _ATTR, None)
 
 
-def ttt_gatings(model: nn.Module) -> dict[int, TTTGating | TTTMLPGating]:
-    """``{layer index: TTT gating}`` of a patched model."""
+def ttt_gatings(model: nn.Module) -> dict[int, TTTLayer]:
+    """``{layer index: TTT layer}`` of a patched model."""
     out = {}
     for i, layer in enumerate(model.transformer.layers):
-        if isinstance(layer.gating, TTT_GATINGS):
+        if isinstance(layer.gating, TTTLayer):
             out[i] = layer.gating
     return out
 
 
+def set_ttt_updates(model: nn.Module, enabled: bool) -> None:
+    """Turn the test-time updates of every TTT layer on or off (:attr:`TTTLayer.updates_enabled`):
+    off, the fast weights stay at ``W^(0)`` in training forwards, streaming and graph-mode steps
+    alike: the same weights without test-time training."""
+    for _, layer in named_ttt_layers(model):
+        layer.updates_enabled = enabled
+
+
 def apply_ttt(lm_model: nn.Module, config: TTTConfig) -> nn.Module:
-    """Make the selected main-transformer layers of a moshi ``LMModel`` In-Place TTT layers.
+    """Make the selected main-transformer layers of a moshi ``LMModel`` TTT layers (``config.variant``).
 
     Works before or after moshi's LoRA (``replace_all_linear_with_lora``), with gradient
     checkpointing, on any device or dtype (meta included). Must be called before the model is
@@ -127,17 +135,17 @@ def apply_ttt(lm_model: nn.Module, config: TTTConfig) -> nn.Module:
         if layer.gating is None or isinstance(layer.gating, nn.ModuleList):
             kind = "no gated MLP (gating='none')" if layer.gating is None else "per-step MLP weights"
             raise ValueError(
-                f"layer {i} has {kind}; In-Place TTT needs moshi's gated MLP (gating='silu', "
+                f"layer {i} has {kind}; TTT needs moshi's gated MLP (gating='silu', "
                 "no weights_per_step), as in the main transformer of every Moshi checkpoint"
             )
     for layer in layers:
         layer.__class__ = _ttt_layer_class(type(layer))
-    gating_cls = TTTMLPGating if config.variant == "mlp" else TTTGating
+    layer_cls = variant_class(config.variant)
     for i in selected:
-        layers[i].gating = gating_cls.from_gating(layers[i].gating, config)
+        layers[i].gating = layer_cls.from_gating(layers[i].gating, config)
 
     info = TTTModelInfo(config=config, layers=selected)
-    source = config.target_source if config.variant == "inplace" else "hidden"
+    source = layer_cls.source(config)
     if source == "text_emb":
 
         def capture(_module, _inputs, output):
@@ -169,5 +177,5 @@ def apply_ttt(lm_model: nn.Module, config: TTTConfig) -> nn.Module:
     for m in lm_model.modules():
         if isinstance(m, StreamingModule):
             m._cached_children = None
-    logger.info("In-Place TTT on layers %s (%s)", selected, config.to_json())
+    logger.info("TTT (%s) on layers %s (%s)", config.variant, selected, config.to_json())
     return lm_model

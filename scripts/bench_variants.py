@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Training cost of the two TTT variants and the no-TTT baseline, measured the same way.
+"""Training cost of the TTT variants and the no-TTT baseline, measured the same way.
 
     python scripts/bench_variants.py [--config configs/recall_tiny.yaml] [--reps 10]
 
-Builds the config's model three times (no TTT, In-Place TTT, TTT-MLP; same seed, same TTT layers,
-chunk size and eta), runs forward+backward on one batch of the config's training data, and prints
-the median step time and the activation bytes saved for backward (each storage once, parameters
-excluded), with ratios to the baseline.
+Builds the config's model once without TTT and once per registered variant (``moshi_ttt.VARIANTS``;
+same seed, same TTT layers, chunk size and eta), runs forward+backward on one batch of the config's
+training data, and prints the median step time and the activation bytes saved for backward (each
+storage once, parameters excluded), with ratios to the baseline.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from finetune.args import load_config  # noqa: E402
 from finetune.data.loader import collate_codes  # noqa: E402
 from finetune.model import build_model  # noqa: E402
 from finetune.trainer import _loss, _weights, build_datasets  # noqa: E402
+from moshi_ttt import VARIANTS  # noqa: E402
 
 
 def train_step(model, cfg, codes, params) -> int:
@@ -52,11 +53,9 @@ def main() -> None:
     args = p.parse_args()
     base_cfg = load_config(args.config)
     rows = []
-    for label, over in (
-        ("no TTT", {"enabled": False}),
-        ("In-Place TTT", {"variant": "inplace"}),
-        ("TTT-MLP", {"variant": "mlp"}),
-    ):
+    runs = [("no TTT", {"enabled": False})]
+    runs += [(f"TTT {name}", {"variant": name}) for name in VARIANTS]  # every registered variant
+    for label, over in runs:
         cfg = copy.deepcopy(base_cfg)
         for k, v in over.items():
             setattr(cfg.ttt, k, v)

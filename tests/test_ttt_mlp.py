@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import random_codes
+from conftest import random_codes, stream_text_logits
 from torch.nn import functional as F
 
 from moshi_ttt import (
@@ -17,8 +17,8 @@ from moshi_ttt import (
     ttt_gatings,
     ttt_state_dict,
 )
+from moshi_ttt.ops.mlp import ln_target, ttt_mlp_chunked, ttt_mlp_reference
 from moshi_ttt.tiny import build_tiny_lm
-from moshi_ttt.ttt_mlp import ln_target, ttt_mlp_chunked, ttt_mlp_reference
 
 
 def _rel(a, b):
@@ -111,25 +111,7 @@ def test_gate_gets_gradient_at_init_and_forward_never_mutates_parameters():
             assert getattr(g, n).grad.abs().sum() > 0, n
 
 
-def _stream(model, seq, pieces):
-    outs, t = [], 0
-    for n in pieces:
-        outs.append(model.forward_text(seq[:, :, t : t + n])[1])
-        t += n
-    return torch.cat(outs, 2)
-
-
-@pytest.mark.parametrize("context, pieces", [(16, [1] * 45), (64, [3, 7, 1, 13, 2, 19])])
-def test_streaming_equals_full_forward(context, pieces):
-    _, model = make(context=context)
-    _open_gate(model)
-    model.eval()
-    seq = random_codes(model, 2, 45)
-    with torch.no_grad():
-        full = model.forward_text(seq)[1]
-        with model.streaming(2):
-            streamed = _stream(model, seq, pieces)
-    torch.testing.assert_close(streamed, full, atol=3e-5, rtol=1e-4)
+# Streaming == full forward: tests/test_layer_contract.py, for every variant.
 
 
 def test_reset_one_element_and_reset_equals_fresh():
@@ -140,16 +122,16 @@ def test_reset_one_element_and_reset_equals_fresh():
     g0 = ttt_gatings(model)[0]
     with torch.no_grad():
         with model.streaming(2):
-            _stream(model, a, [1] * 19)
+            stream_text_logits(model, a, [1] * 19)
             kept = g0._streaming_state.fast.w1[1].clone()
             assert not torch.equal(kept, g0.w1.float())  # two chunks were learned
             model.reset_streaming(torch.tensor([True, False]))
             assert torch.equal(g0._streaming_state.fast.w1[0], g0.w1.float())
             assert torch.equal(g0._streaming_state.fast.w1[1], kept)
             model.reset_streaming()
-            after = _stream(model, b, [1] * 23)
+            after = stream_text_logits(model, b, [1] * 23)
         with model.streaming(2):
-            fresh = _stream(model, b, [1] * 23)
+            fresh = stream_text_logits(model, b, [1] * 23)
     torch.testing.assert_close(after, fresh, atol=1e-6, rtol=1e-6)
 
 
@@ -161,12 +143,12 @@ def test_vanilla_checkpoint_loads_and_ttt_file_round_trips(tmp_path):
     res = fresh.load_state_dict(base.state_dict(), strict=False)
     assert res.unexpected_keys == []
     assert sorted(res.missing_keys) == sorted(
-        f"transformer.layers.{i}.gating.{n}" for i in (0, 2) for n in TTTMLPGating.TTT_PARAMS
+        f"transformer.layers.{i}.gating.{n}" for i in (0, 2) for n in TTTMLPGating.ttt_param_names()
     )
     _open_gate(model)
     path = save_ttt_weights(model, tmp_path / "ttt.safetensors")
     assert set(ttt_state_dict(model)) == {
-        f"transformer.layers.{i}.gating.{n}" for i in (0, 2) for n in TTTMLPGating.TTT_PARAMS
+        f"transformer.layers.{i}.gating.{n}" for i in (0, 2) for n in TTTMLPGating.ttt_param_names()
     }
     rebuilt = apply_ttt(copy.deepcopy(base), load_ttt_config(path))
     load_ttt_weights(rebuilt, path)

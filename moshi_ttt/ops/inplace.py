@@ -39,12 +39,12 @@ everything that touches the update (``eta``, ``Z Z^T``, ``V``, states, ``w_final
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch.nn import functional as F
 
-__all__ = ["ttt_reference", "ttt_chunked", "choose_form"]
+from .common import no_autocast
+
+__all__ = ["ttt_reference", "ttt_chunked", "choose_form", "base_term"]
 
 _MIN_TILE = 64
 
@@ -137,11 +137,11 @@ def _base_dtype(z: torch.Tensor, cdt: torch.dtype) -> torch.dtype:
     return z.dtype if z.dtype in (torch.bfloat16, torch.float16) else cdt
 
 
-def _no_autocast(device: torch.device):
-    """Fast-weight math stays float32 under bf16 autocast too (the function casts explicitly)."""
-    if device.type in ("cuda", "cpu"):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
+def base_term(z: torch.Tensor, w0: torch.Tensor, cdt: torch.dtype = torch.float32) -> torch.Tensor:
+    """``Z W0^T`` as Moshi's own ``linear_out`` computes it: in ``z``'s dtype when that is bf16 or
+    fp16, else in ``cdt``. What a TTT layer outputs when its fast weight is still ``W^(0)``."""
+    bdt = _base_dtype(z, cdt)
+    return _base(z.to(bdt), w0.to(bdt))
 
 
 class _TTTChunkedFn(torch.autograd.Function):
@@ -152,8 +152,7 @@ class _TTTChunkedFn(torch.autograd.Function):
         cdt = _compute_dtype(z, v, w0)
         zf, vf = z.to(cdt), v.to(cdt)
         tile = _tile_size(chunk_size)
-        bdt = _base_dtype(z, cdt)
-        out = _base(z.to(bdt), w0.to(bdt)).to(cdt)  # [B, T, d]
+        out = base_term(z, w0, cdt).to(cdt)  # [B, T, d]
         S = zf.new_zeros(B, d, h) if form == "scan" else None
         scores = []  # dual form: score tiles Z_r Z_<r^T, reused in backward
         for a in range(0, T, tile):
@@ -188,7 +187,7 @@ class _TTTChunkedFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_out, g_final=None):  # type: ignore[override]
-        with _no_autocast(g_out.device):
+        with no_autocast(g_out.device):
             return _TTTChunkedFn._backward(ctx, g_out, g_final)
 
     @staticmethod
@@ -278,7 +277,7 @@ def ttt_chunked(
         form = choose_form(T, d, h)
     if form not in ("dual", "scan"):
         raise ValueError(f"form must be 'auto', 'dual' or 'scan', got {form!r}")
-    with _no_autocast(z.device):
+    with no_autocast(z.device):
         res = _TTTChunkedFn.apply(z, v, w0, float(eta), chunk_size, form, return_final)
     if return_final:
         return res[0], res[1]
