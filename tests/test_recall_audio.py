@@ -52,19 +52,25 @@ def test_markov_audio_follows_one_sparse_transition_table():
     assert sum(len(s) for s in succ.values()) / len(succ) > 3
 
 
-def test_bank_audio_takes_windows_of_the_bank():
-    bank = torch.arange(3 * 4 * 200).reshape(3, 4, 200) % 64
-    ds = RecallTask(6, seed=1, audio="bank", audio_bank=bank, **KW)
-    for i in range(6):
+def test_bank_audio_takes_crops_of_the_bank_streams():
+    bank = [torch.randint(0, 64, (4, n)) for n in (160, 200, 333)]
+    ds = RecallTask(12, seed=1, audio="bank", audio_bank=bank, **KW)
+    starts = set()
+    for i in range(12):
         a = ds[i][1:]
         hits = [
-            (w, s) for w in range(3) for s in range(200 - 160 + 1) if torch.equal(bank[w, :, s : s + 160], a)
+            (w, s)
+            for w, x in enumerate(bank)
+            for s in range(x.shape[1] - 159)
+            if torch.equal(x[:, s : s + 160], a)
         ]
-        assert hits, "an item's audio must be a window of the bank"
-    with pytest.raises(ValueError, match="audio_bank of shape"):
+        assert hits, "an item's audio must be a crop of a bank stream"
+        starts.add(hits[0])
+    assert len(starts) > 6  # varied crops, not one window per stream
+    with pytest.raises(ValueError, match="audio_bank"):
         RecallTask(2, audio="bank", **KW)
-    with pytest.raises(ValueError, match="frames"):
-        RecallTask(2, audio="bank", audio_bank=bank[:, :, :100], **KW)
+    with pytest.raises(ValueError, match="at least 160"):
+        RecallTask(2, audio="bank", audio_bank=[b[:, :100] for b in bank], **KW)
 
 
 def test_fillers_only_replace_pad_and_keep_every_event():
@@ -90,23 +96,24 @@ def test_recall_config_bank_needs_a_manifest_and_builds_from_the_tiny_dataset(ti
     with pytest.raises(ConfigError, match="filler_rate"):
         load_config(None, {"data.recall.filler_rate": 1.5})
     tiny = {"dim": 32, "num_layers": 2, "context": 8, "n_q": 8, "dep_q": 4}
-    cfg = load_config(
-        None,
-        {
-            "model.tiny": tiny,
-            "data.source": "recall",
-            "data.duration_sec": 4.0,
-            "data.recall": {"num_train": 4, "num_eval": 2, "audio": "bank", "pairs": 2},
-            "data.train": str(tiny_ds / "train.jsonl"),
-            "data.eval": str(tiny_ds / "eval.jsonl"),
-            "data.tokenizer": str(tiny_ds / "tokenizer.model"),
-            "data.mimi_weights": str(tiny_ds / "mimi.safetensors"),
-            "data.mimi_config": str(tiny_ds / "mimi_config.json"),
-        },
-    )
+    overrides = {
+        "model.tiny": tiny,
+        "data.source": "recall",
+        "data.duration_sec": 4.0,
+        "data.recall": {"num_train": 4, "num_eval": 2, "audio": "bank", "pairs": 2},
+        "data.train": str(tiny_ds / "train.jsonl"),
+        "data.eval": str(tiny_ds / "eval.jsonl"),
+        "data.tokenizer": str(tiny_ds / "tokenizer.model"),
+        "data.mimi_weights": str(tiny_ds / "mimi.safetensors"),
+        "data.mimi_config": str(tiny_ds / "mimi_config.json"),
+    }
+    cfg = load_config(None, overrides)
     model = build_tiny_lm(**tiny)
     train, evals = recall_datasets(cfg, model)
     x = train[0]
     assert x.shape == (1 + 8, 50)
     assert (x[1:, 1:] != x[1:, :-1]).any()  # speech codes vary
-    assert evals.audio_bank is not train.audio_bank  # eval audio from the eval manifest
+    assert len(train.audio_bank) == 3 and len(evals.audio_bank) == 1  # eval audio: the eval manifest
+    assert all(s.shape[0] == 8 and s.shape[1] >= 80 for s in train.audio_bank)  # whole 7 s files
+    with pytest.raises(ConfigError, match="at least 100 frames"):
+        recall_datasets(load_config(None, {**overrides, "data.duration_sec": 8.0}), model)

@@ -22,8 +22,9 @@ The audio codebooks (``audio``):
 - ``markov``: every codebook of both speakers changes on every frame, following a fixed random
   sparse Markov chain (each code has four possible successors, the same table for every sequence, so
   the audio is learnable but carries nothing about the keys and values);
-- ``bank``: windows of real Mimi codes (``audio_bank``, e.g. the tiny dataset's speech encoded by its
-  Mimi), one per item, chosen by ``(seed, index)``.
+- ``bank``: real Mimi codes (``audio_bank``: whole conversations' code streams, e.g. the tiny
+  dataset's speech encoded by its Mimi), one crop of ``num_frames`` per item at a conversation and
+  start chosen by ``(seed, index)``, so a small bank still gives varied audio.
 
 With live audio the fast weight's keys (the MLP activations ``Z``) are driven by the audio as much
 as by the text, which is what Moshi meets in real conversations. Items are functions of
@@ -32,10 +33,15 @@ as by the text, which is what Moshi meets in real conversations. Items are funct
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset
+
+from ..schema import ConfigError
+
+logger = logging.getLogger(__name__)
 
 DEF, QRY = 4, 5
 FIRST_KEY = 6
@@ -70,7 +76,7 @@ class RecallTask(Dataset):
         far_min: int | None = None,
         audio: str = "silent",
         card: int = 64,
-        audio_bank: torch.Tensor | None = None,
+        audio_bank: list[torch.Tensor] | None = None,
         filler_rate: float = 0.0,
         num_fillers: int = 16,
     ) -> None:
@@ -80,14 +86,16 @@ class RecallTask(Dataset):
         if audio not in AUDIO_MODES:
             raise ValueError(f"recall task: audio must be one of {', '.join(AUDIO_MODES)}, got {audio!r}")
         if audio == "bank":
-            if audio_bank is None or audio_bank.dim() != 3 or audio_bank.shape[1] != n_q:
-                shape = None if audio_bank is None else tuple(audio_bank.shape)
+            if not audio_bank or any(a.dim() != 2 or a.shape[0] != n_q for a in audio_bank):
+                shapes = None if audio_bank is None else [tuple(a.shape) for a in audio_bank[:3]]
                 raise ValueError(
-                    f"recall task: audio 'bank' needs audio_bank of shape [N, n_q={n_q}, T], got {shape}"
+                    f"recall task: audio 'bank' needs audio_bank, a list of [n_q={n_q}, frames] code streams, "
+                    f"got {shapes}"
                 )
-            if audio_bank.shape[2] < num_frames:
+            short = min(a.shape[1] for a in audio_bank)
+            if short < num_frames:
                 raise ValueError(
-                    f"recall task: audio bank windows have {audio_bank.shape[2]} frames, need {num_frames}"
+                    f"recall task: an audio bank stream has {short} frames, need at least {num_frames}"
                 )
         if not 0.0 <= filler_rate < 1.0:
             raise ValueError(f"recall task: filler_rate must be in [0, 1), got {filler_rate}")
@@ -178,10 +186,9 @@ class RecallTask(Dataset):
             return torch.full((self.n_q, T), self.silence, dtype=torch.long)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index + 7_777_777)
         if self.audio == "bank":
-            bank = self.audio_bank
-            w = int(torch.randint(0, bank.shape[0], (1,), generator=g))
-            start = int(torch.randint(0, bank.shape[2] - T + 1, (1,), generator=g))
-            return bank[w, :, start : start + T].clone()
+            stream = self.audio_bank[int(torch.randint(0, len(self.audio_bank), (1,), generator=g))]
+            start = int(torch.randint(0, stream.shape[1] - T + 1, (1,), generator=g))
+            return stream[:, start : start + T].clone()
         if self.audio == "uniform":
             return torch.randint(0, self.card, (self.n_q, T), generator=g)
         # markov: code[t] = one of the four successors of code[t-1], per codebook.
@@ -198,12 +205,28 @@ class RecallTask(Dataset):
         return torch.cat([text[None], self.audio_codes(index)], 0)
 
 
-def _audio_bank(dataset) -> torch.Tensor:
-    """``[N, n_q, T]``: the audio rows of every valid window of a manifest dataset."""
-    rows = [item[1:] for item in (dataset[i] for i in range(len(dataset))) if item is not None]
-    if not rows:
-        raise ValueError("recall task: the audio bank's manifest has no valid window")
-    return torch.stack(rows)
+def _audio_bank(dataset, num_frames: int) -> list[torch.Tensor]:
+    """The whole-file code streams ``[n_q, frames]`` of a manifest dataset's conversations that hold
+    at least ``num_frames`` frames (unreadable ones are skipped with a warning, shorter ones left out)."""
+    from .audio import BadItem
+
+    streams, short = [], 0
+    for entry in dataset.entries:
+        try:
+            codes = dataset.source.codes(entry.path)
+        except BadItem as e:
+            logger.warning("recall audio bank: skipping %s: %s", entry.path, e)
+            continue
+        if codes.shape[1] >= num_frames:
+            streams.append(codes)
+        else:
+            short += 1
+    if not streams:
+        raise ConfigError(
+            f"data.recall.audio: bank needs conversations of at least {num_frames} frames "
+            f"({num_frames / 12.5:g} s, data.duration_sec); the manifest has none ({short} shorter)"
+        )
+    return streams
 
 
 def recall_datasets(cfg, model) -> tuple[RecallTask, RecallTask]:
@@ -216,8 +239,9 @@ def recall_datasets(cfg, model) -> tuple[RecallTask, RecallTask]:
         from .build import conversation_datasets
 
         train_audio, eval_audio = conversation_datasets(cfg, model)
-        train_bank = _audio_bank(train_audio)
-        banks = (train_bank, _audio_bank(eval_audio) if eval_audio is not None else train_bank)
+        T = cfg.data.num_frames
+        train_bank = _audio_bank(train_audio, T)
+        banks = (train_bank, _audio_bank(eval_audio, T) if eval_audio is not None else train_bank)
     common = dict(
         num_frames=cfg.data.num_frames,
         context=context,
