@@ -18,7 +18,7 @@ from torch import nn
 from moshi_ttt import ttt_gatings
 
 from . import distributed as D
-from .args import TrainConfig, config_to_yaml
+from .args import TrainConfig, check_resume_compatible, config_to_yaml
 from .checkpointing import ResumePoint, Resumer, SaveSchedule, claimed_run_dir, save_checkpoint
 from .data import BatchPlan, ResumableLoader, SyntheticCodes, eval_batches
 from .data.loader import eval_plan
@@ -27,81 +27,9 @@ from .model import build_model, param_table
 from .monitoring import Metrics, fmt_duration, init_wandb, setup_logging
 from .optim import build_optimizer
 from .preflight import check_config_paths
-from .schema import ConfigError, from_dict, to_dict
+from .schema import to_dict
 
 logger = logging.getLogger("finetune")
-
-# Changing these between a checkpoint and its resume changes shapes, the trained parameter set or the
-# meaning of the saved data position: refused. Anything else that differs is allowed with a warning.
-_FIXED_KEYS = (
-    "model",
-    "lora",
-    "finetune",
-    "ttt.enabled",
-    "ttt.layers",
-    "ttt.start_layer",
-    "ttt.layer_frequency",
-    "ttt.conv_kernel_size",
-    "ttt.conv_depthwise",
-    "ttt.target_source",
-    "ttt.variant",
-    "ttt.mlp_heads",
-    "ttt.mlp_expansion",
-    "ttt.freeze_slow_weights",
-    "ttt.train_w_down",
-    "batch_size",
-    "data.source",
-    "data.train",
-    "data.duration_sec",
-    "data.synthetic",
-    "seed",
-)
-
-
-def _get(d: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        d = d.get(part, {}) if isinstance(d, dict) else {}
-    return d
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved config with the keys added to the schema since it was written, at their defaults (so a
-    new key does not read as a changed setting)."""
-    try:
-        return to_dict(from_dict(TrainConfig, saved))
-    except ConfigError:  # a key since removed or renamed: compare as saved
-        return saved
-
-
-def check_resume_compatible(
-    saved: dict[str, Any], current: dict[str, Any], saved_world: int, world: int
-) -> None:
-    saved = _with_defaults(saved)
-    bad = [k for k in _FIXED_KEYS if _get(saved, k) != _get(current, k)]
-    if saved_world != world:
-        bad.append(f"world size ({saved_world} -> {world} processes)")
-    if bad:
-        raise ConfigError(
-            f"cannot resume: the checkpoint was trained with different {', '.join(bad)}; these change shapes, "
-            "the trained parameters or the data order. Use the original settings, or start a new run_dir"
-        )
-    fs, fc = _flatten(saved), _flatten(current)
-    changed = sorted(k for k in set(fs) | set(fc) if fs.get(k) != fc.get(k) and k not in ("resume",))
-    if changed:
-        logger.warning(
-            "resuming with changed settings: %s",
-            ", ".join(f"{k}: {fs.get(k)!r} -> {fc.get(k)!r}" for k in changed),
-        )
 
 
 def build_datasets(cfg: TrainConfig, model) -> tuple[Any, Any]:
@@ -446,7 +374,7 @@ def _run(cfg: TrainConfig, dist_info: D.DistInfo, run_dir: Path) -> dict[str, An
             elapsed = time.time() - t_start
             per_step = elapsed / max(1, step - start_step)
             values = dict(
-                last, tokens_per_s=frames_per_step / max(dt, 1e-9), step_time=dt, data_time=data_time
+                last, frames_per_s=frames_per_step / max(dt, 1e-9), step_time=dt, data_time=data_time
             )
             values["data/skipped_items"] = loader.skipped_all_ranks()
             for group in optimizer.param_groups:
@@ -455,7 +383,7 @@ def _run(cfg: TrainConfig, dist_info: D.DistInfo, run_dir: Path) -> dict[str, An
                 values.update(ttt_telemetry(base))
             metrics.log("train", step, values)
             logger.info(
-                "step %d/%d | loss %.4f (text %.3f, audio %.3f) | grad %.2f | lr %.2e | %.0f tok/s | eta %s",
+                "step %d/%d | loss %.4f (text %.3f, audio %.3f) | grad %.2f | lr %.2e | %.0f frames/s | left %s",
                 step,
                 cfg.max_steps,
                 loss,
@@ -463,7 +391,7 @@ def _run(cfg: TrainConfig, dist_info: D.DistInfo, run_dir: Path) -> dict[str, An
                 last["audio_nll"],
                 last["grad_norm"],
                 last["lr"],
-                values["tokens_per_s"],
+                values["frames_per_s"],
                 fmt_duration(per_step * (cfg.max_steps - step)),
             )
         is_last = step == cfg.max_steps
@@ -512,10 +440,9 @@ def _run(cfg: TrainConfig, dist_info: D.DistInfo, run_dir: Path) -> dict[str, An
 
 
 def _apply_new_lrs(optimizer, scheduler, cfg: TrainConfig) -> None:
-    """A changed optim.lr / optim.ttt_lr takes effect on resume (the scheduler keeps its position)."""
+    """A changed optim.lr / optim.ttt_params_lr takes effect on resume (the scheduler keeps its position)."""
     for i, group in enumerate(optimizer.param_groups):
-        is_ttt = group.get("name", "").startswith("ttt")
-        lr = cfg.optim.ttt_lr if (is_ttt and cfg.optim.ttt_lr is not None) else cfg.optim.lr
+        lr = cfg.optim.group_lr(group.get("name", "").startswith("ttt"))
         if not math.isclose(scheduler.base_lrs[i], lr):
             logger.warning(
                 "learning rate of group %s changed on resume: %g -> %g",
