@@ -10,11 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 TARGET_SOURCES = ("text_emb", "input_emb", "hidden")
 FAST_FORMS = ("auto", "dual", "scan")
+# Field metadata of the settings the TTT parameters depend on (which exist, their shapes, what they
+# read): a checkpoint is tied to them (finetune's resume check refuses a change).
+_FIXED = {"fixed_on_resume": True}
 
 
 @dataclass
@@ -42,20 +45,23 @@ class TTTConfig:
             ``eta`` its base inner learning rate; the conv/target settings do not apply).
         mlp_heads, mlp_expansion: heads of the TTT-MLP branch and the hidden size of each head's
             fast MLP as a multiple of the head dimension.
+
+    Fields marked ``fixed_on_resume`` in their metadata decide the TTT parameters; the others (chunk
+    size, eta, fast form) only how they are used.
     """
 
     chunk_size: int = 512
     eta: float = 1e-2
-    conv_kernel_size: int = 2
-    conv_depthwise: bool = True
-    target_source: str = "text_emb"
-    layers: list[int] | None = None
-    start_layer: int = 0
-    layer_frequency: int = 6
+    conv_kernel_size: int = field(default=2, metadata=_FIXED)
+    conv_depthwise: bool = field(default=True, metadata=_FIXED)
+    target_source: str = field(default="text_emb", metadata=_FIXED)
+    layers: list[int] | None = field(default=None, metadata=_FIXED)
+    start_layer: int = field(default=0, metadata=_FIXED)
+    layer_frequency: int = field(default=6, metadata=_FIXED)
     fast_form: str = "auto"
-    variant: str = "inplace"
-    mlp_heads: int = 4
-    mlp_expansion: int = 4
+    variant: str = field(default="inplace", metadata=_FIXED)
+    mlp_heads: int = field(default=4, metadata=_FIXED)
+    mlp_expansion: int = field(default=4, metadata=_FIXED)
 
     def __post_init__(self) -> None:
         self.validate()

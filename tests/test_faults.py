@@ -49,16 +49,16 @@ def nan_loss_on(monkeypatch, bad_calls: set[int]) -> None:
     """The training loss of the given (1-based) calls becomes NaN: those steps are non-finite."""
     import finetune.trainer as T
 
-    real, calls = T._loss, [0]
+    real, calls = T.training_loss, [0]
 
-    def flaky(cfg, out, codes, weights, norms=None):
-        parts = real(cfg, out, codes, weights, norms)
+    def flaky(opts, out, codes, weights, norms=None):
+        parts = real(opts, out, codes, weights, norms)
         calls[0] += 1
         if calls[0] in bad_calls:
             parts.loss = parts.loss * float("nan")
         return parts
 
-    monkeypatch.setattr(T, "_loss", flaky)
+    monkeypatch.setattr(T, "training_loss", flaky)  # the trainer's training steps, not its evaluation
 
 
 # ---------------------------------------------------------------- 1. divergence

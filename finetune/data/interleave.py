@@ -41,6 +41,8 @@ from typing import Literal, Protocol
 
 import torch
 
+from .audio import FRAME_RATE
+
 MAIN_SPEAKER = "SPEAKER_MAIN"
 TextOverlap = Literal["drop", "delay"]
 
@@ -107,7 +109,7 @@ class Interleaver:
     def __init__(
         self,
         tokenizer: TextTokenizer,
-        frame_rate: float = 12.5,
+        frame_rate: float = FRAME_RATE,
         text_padding_id: int = 3,
         end_of_text_padding_id: int = 0,
         zero_token_id: int = -1,
