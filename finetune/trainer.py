@@ -304,6 +304,8 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
     base = built.model
     base.train()
     logger.info("trainable parameters (finetune=%s):\n%s", cfg.finetune, param_table(base))
+    if _use_bf16(cfg, dist_info) and dist_info.device.type == "cpu":
+        logger.warning("precision bf16 on CPU: bf16 autocast on the CPU, usually slower than fp32")
     train_set, eval_set = build_datasets(cfg, base)
     plan = BatchPlan(len(train_set), cfg.batch_size, dist_info.rank, dist_info.world_size, seed=cfg.seed)
     if eval_set is not None:  # a too-small held-out set fails now, not at the first evaluation
