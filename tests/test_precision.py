@@ -201,3 +201,22 @@ def test_precision_script_prints_its_tables_and_passes(capsys):
     out = capsys.readouterr().out
     assert "1. TTT term" in out and "2. one TTTGating" in out and "3. streaming" in out
     assert "all errors within their bounds" in out and not check_precision.FAILED
+
+
+def test_a_refused_native_product_falls_back_to_the_same_numbers(monkeypatch, caplog):
+    """If a torch build refuses ``bmm(..., out_dtype=float32)`` the op emulates it, with a warning."""
+    from moshi_ttt.ops import inplace
+
+    z, v, w0 = _bf16_inputs(2, 150, 8, 22)
+    expected = _run(z, v, w0, 0.05, 16, torch.ones(2, 150, 8), torch.ones(2, 8, 22), precision="bf16")
+    init = inplace._Products.__init__
+
+    def native_on_cpu(self, precision, z, cdt):  # the CPU has no out_dtype kernel: it raises
+        init(self, precision, z, cdt)
+        self.native = self.low
+
+    monkeypatch.setattr(inplace._Products, "__init__", native_on_cpu)
+    monkeypatch.setattr(inplace._Products, "native_failed", False)
+    got = _run(z, v, w0, 0.05, 16, torch.ones(2, 150, 8), torch.ones(2, 8, 22), precision="bf16")
+    assert inplace._Products.native_failed and "emulating them in float32" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))

@@ -52,12 +52,16 @@ whose update is zero reproduces the base model bit for bit in bf16 too, whatever
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch.nn import functional as F
 
 from .common import no_autocast
 
 __all__ = ["ttt_reference", "ttt_chunked", "choose_form", "base_term", "PRECISIONS"]
+
+logger = logging.getLogger(__name__)
 
 _MIN_TILE = 64
 PRECISIONS = ("fp32", "bf16")  # operands of the update math's products (see the module docstring)
@@ -166,10 +170,12 @@ class _Products:
     devices hold the operands as bf16-rounded float32 values and multiply in float32, which is the
     same arithmetic."""
 
+    native_failed: bool = False  # set if this torch build refuses out_dtype: emulate from then on
+
     def __init__(self, precision: str, z: torch.Tensor, cdt: torch.dtype) -> None:
         self.cdt = cdt
         self.low = precision == "bf16" and z.dtype in (torch.bfloat16, torch.float16) and cdt == torch.float32
-        self.native = self.low and z.device.type in ("cuda", "meta")
+        self.native = self.low and z.device.type in ("cuda", "meta") and not _Products.native_failed
 
     def op(self, t: torch.Tensor) -> torch.Tensor:
         if not self.low:
@@ -179,8 +185,14 @@ class _Products:
 
     def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.native:
-            return torch.bmm(a, b, out_dtype=torch.float32)
-        return torch.bmm(a, b)
+            try:
+                return torch.bmm(a, b, out_dtype=torch.float32)
+            except (RuntimeError, NotImplementedError, TypeError) as e:
+                if not _Products.native_failed:
+                    logger.warning("bf16 products into float32 failed (%s); emulating them in float32", e)
+                _Products.native_failed = True  # the same numbers at float32 speed
+                self.native = False
+        return torch.bmm(a.to(self.cdt), b.to(self.cdt))  # no-ops unless a native product just failed
 
     def saved(self, t: torch.Tensor) -> torch.Tensor:
         """How a score tile is kept for backward: bf16 in bf16 mode (half the memory, no extra
@@ -248,16 +260,19 @@ class _TTTChunkedFn(torch.autograd.Function):
         bdt = _base_dtype(z, cdt)
         gb, zb = g_out.to(bdt), z.to(bdt)
         dz = _base(gb, w0.to(bdt).transpose(-1, -2)).to(cdt)  # [B, T, h]
-        if w0.dim() == 2:
-            dw = (gb.reshape(-1, d).t() @ zb.reshape(-1, h)).to(cdt)  # [d, h]
-        else:
-            dw = torch.bmm(gb.transpose(1, 2), zb).to(cdt)  # [B, d, h]
+        dw = None  # skipped for a frozen w0 (ttt.train_w_down: false), like a frozen nn.Linear's
+        if ctx.needs_input_grad[2]:
+            if w0.dim() == 2:
+                dw = (gb.reshape(-1, d).t() @ zb.reshape(-1, h)).to(cdt)  # [d, h]
+            else:
+                dw = torch.bmm(gb.transpose(1, 2), zb).to(cdt)  # [B, d, h]
         del gb, zb
         dv = torch.zeros(B, T, d, dtype=cdt, device=v.device)
         gF = None
         if g_final is not None:
             gF = g_final.to(cdt)
-            dw = dw + (gF.sum(0) if w0.dim() == 2 else gF)
+            if dw is not None:
+                dw = dw + (gF.sum(0) if w0.dim() == 2 else gF)
         tiles = [(a, min(T, a + tile)) for a in range(0, T, tile)]
         eg = P.op(eta * g_out.to(cdt))  # [B, T, d]
         if form == "dual":
@@ -297,7 +312,8 @@ class _TTTChunkedFn(torch.autograd.Function):
             dv[:, a:b] += P.mm(Am.transpose(1, 2), gr)
             dA = P.op(P.mm(gr, vr.transpose(1, 2)) * M)
             dz[:, a:b] += P.mm(dA, zr) + P.mm(dA.transpose(1, 2), zr)
-        return dz.to(z.dtype), dv.to(v.dtype), dw.to(w0.dtype), None, None, None, None, None
+        dw = None if dw is None else dw.to(w0.dtype)
+        return dz.to(z.dtype), dv.to(v.dtype), dw, None, None, None, None, None
 
 
 def ttt_chunked(
