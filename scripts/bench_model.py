@@ -140,8 +140,8 @@ def set_update_math(model, math: str) -> None:
         g.config.update_precision = "bf16" if math == "bf16" else "fp32"
 
 
-def free(*objs) -> None:
-    del objs
+def free() -> None:
+    """Return what the caller just deleted to the device (the next row's memory starts clean)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     optimizer, _ = build_optimizer(model, cfg0)
     run("no TTT", model, cfg0, optimizer)
-    free(model, optimizer)
+    del model, optimizer
+    free()
 
     cfg = bench_config(args.config, args.tiny, args.chunk, device, ttt=True)
     model = build(cfg, device)
@@ -187,15 +188,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         set_update_math(model, math)
         run(math, model, cfg, optimizer)
     if not args.no_frozen_w_down:
-        free(optimizer)
-        for g in ttt_gatings(model).values():
+        del optimizer
+        free()
+        for g in ttt_gatings(model).values():  # as build_model leaves a frozen w_down: bf16
             g.w_down.requires_grad_(False)
             g.w_down.grad = None
+            g.w_down.data = g.w_down.data.to(torch.bfloat16)
         optimizer, _ = build_optimizer(model, cfg)
         set_update_math(model, "bf16")
         run("bf16, w_down frozen", model, cfg, optimizer)
     torch.backends.cuda.matmul.allow_tf32 = False
-    free(model, optimizer)
+    del model, optimizer
+    free()
 
     where = (
         torch.cuda.get_device_name(device)

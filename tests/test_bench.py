@@ -47,3 +47,13 @@ def test_bench_ttt_prints_a_row_per_update_math(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [ln.split()[2] for ln in lines if ln.strip().startswith("40")] == ["fp32", "tf32", "bf16"]
     assert any("bf16 update" in ln for ln in lines)  # the meta-device memory at Moshi-7B's shape
+
+
+def test_gpu_checks_script_parses_and_names_existing_scripts():
+    import re
+    import subprocess
+
+    path = ROOT / "scripts/gpu_checks.sh"
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    scripts = re.findall(r"scripts/(\w+\.py)", path.read_text())
+    assert len(scripts) >= 5 and all((ROOT / "scripts" / s).is_file() for s in scripts)
