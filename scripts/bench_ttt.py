@@ -159,10 +159,11 @@ def main(argv: list[str] | None = None) -> None:
         "--update",
         nargs="+",
         choices=["fp32", "tf32", "bf16"],
-        default=["fp32", "bf16"],
-        help="TTT update math",
+        default=None,
+        help="TTT update math (default: fp32, and bf16 with --amp bf16; without it they compute the same)",
     )
     args = p.parse_args(argv)
+    args.update = args.update or (["fp32", "bf16"] if args.amp else ["fp32"])
     torch.backends.cuda.matmul.allow_tf32 = False
     device = torch.device(args.device)
     amp = torch.bfloat16 if args.amp == "bf16" else None
