@@ -44,7 +44,7 @@ class TTTConfig:
             operand float32 (TF32 with the training config's ``tf32``). Whatever accumulates across
             chunks (streaming ``delta``, ``w_final``, the scan state) is float32 either way, and a
             float32 model computes the same in both. Errors against a float64 reference:
-            ``scripts/check_precision.py``.
+            ``scripts/check_precision.py``. TTT-MLP ignores it (its fast-weight math is float32).
         variant: a name in :data:`moshi_ttt.variants.VARIANTS`: ``inplace`` (In-Place TTT: the MLP's
             ``w_down`` is the fast weight, :mod:`moshi_ttt.gating`) or ``mlp`` (a TTT-MLP residual
             branch beside the MLP, :mod:`moshi_ttt.ttt_mlp`; ``chunk_size`` is its mini-batch,
