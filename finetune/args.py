@@ -35,6 +35,14 @@ class ModelArgs:
     config_path: str | None = None
     tiny: dict[str, Any] = field(default_factory=dict)
     gradient_checkpointing: bool = False
+    # Start from a fine-tuned checkpoint in moshi's layout: moshi-finetune's
+    # checkpoints/checkpoint_NNNNNN/consolidated/ (its lora.safetensors is merged into the base above;
+    # a consolidated.safetensors replaces it, architecture from its config.json) or this project's
+    # moshi/ export. TTT layers then take w_down from the fine-tuned linear_out.
+    init_from: str | None = None
+    # A moshi_weights file that is not safetensors (moshi's .pt) is read with pickle, which can run code
+    # stored in the file: refused unless this is true (only for files you trust).
+    allow_pickle: bool = False
 
 
 @dataclass
@@ -59,6 +67,8 @@ class LoraArgs:
 
     rank: int = 64
     scaling: float = 2.0
+    # Also train the embedding tables in full (moshi-finetune's lora.ft_embed); exports then carry them.
+    train_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -67,15 +77,20 @@ class LoraArgs:
 
 @dataclass
 class OptimArgs:
-    """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``."""
+    """AdamW; ``schedule: cosine`` is linear warmup then cosine decay to ``min_lr_ratio * lr``,
+    ``onecycle`` is moshi-finetune's schedule (torch's ``OneCycleLR``): cosine rise from ``lr / 25``
+    to ``lr`` over the first ``pct_start`` of the steps, cosine decay to ``lr / 25 / 1e4``, and Adam's
+    beta1 cycled 0.95 -> 0.85 -> 0.95 against it (``betas[0]`` is then unused)."""
 
     lr: float = 1e-4
     ttt_lr: float | None = None  # lr of the TTT parameters (w_down, target path); null: lr
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
+    schedule: Literal["cosine", "onecycle"] = "cosine"
+    warmup_steps: int = 10  # cosine
+    min_lr_ratio: float = 0.1  # cosine
+    pct_start: float = 0.05  # onecycle
     max_grad_norm: float = 1.0  # global norm over all ranks; <= 0 disables clipping
 
     def __post_init__(self) -> None:
@@ -87,6 +102,8 @@ class OptimArgs:
             raise ConfigError(f"optim.warmup_steps: must be >= 0 (got {self.warmup_steps})")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1] (got {self.min_lr_ratio})")
+        if not 0 < self.pct_start < 1:
+            raise ConfigError(f"optim.pct_start: must be in (0, 1) (got {self.pct_start})")
 
 
 @dataclass
@@ -125,6 +142,11 @@ class DataArgs:
     mimi_config: str | None = None  # JSON, for a non-default Mimi (e.g. the tiny one)
     cache_dir: str | None = None
     duration_sec: float = 8.0  # window length; 12.5 frames per second
+    # When a word starts while the previous word's tokens are still being written: drop their rest
+    # (moshi-finetune's rule, the grids Kyutai fine-tuned with) or delay the new word until they are
+    # written (moshi-finetune's keep_and_shift). See finetune/data/interleave.py.
+    text_overlap: Literal["drop", "delay"] = "drop"
+    shuffle: bool = True  # a new random order of the windows every epoch; false: manifest order
     num_workers: int = 0
     synthetic: SyntheticDataArgs = field(default_factory=SyntheticDataArgs)
     recall: RecallDataArgs = field(default_factory=RecallDataArgs)
@@ -146,7 +168,9 @@ class LossArgs:
 
     text_weight: float = 1.0
     audio_weight: float = 1.0
-    first_codebook_weight: float = 1.0  # multiplier of the semantic codebook's CE (moshi-finetune: 100)
+    # Multiplier of the semantic (first) codebook's CE: 100 as in moshi-finetune's example config,
+    # the setting Kyutai recommends for fine-tuning Moshi (moshi-finetune's code default is 1).
+    first_codebook_weight: float = 100.0
     text_padding_weight: float = 0.5  # weight of PAD / end-of-padding text targets
 
 
@@ -165,7 +189,8 @@ class CheckpointArgs:
 
 @dataclass
 class WandbArgs:
-    """Weights & Biases tracking; the API key comes only from the environment (WANDB_API_KEY)."""
+    """Weights & Biases tracking. No key here: wandb itself reads it from WANDB_API_KEY, else the netrc
+    file ($NETRC, else ~/.netrc, where ``wandb login`` writes it)."""
 
     project: str | None = None  # null: no wandb
     entity: str | None = None
@@ -231,7 +256,17 @@ class TrainConfig:
             raise ConfigError(
                 "data.train: the path of a .jsonl manifest is required when data.source is manifest"
             )
-        if self.model.source == "local" and not (self.model.config_path and self.model.moshi_weights):
+        if self.model.init_from and self.model.source == "tiny":
+            raise ConfigError(
+                "model.init_from: set model.source to hf or local, the base model the checkpoint was fine-tuned from"
+            )
+        if self.model.init_from and not Path(self.model.init_from).expanduser().exists():
+            raise ConfigError(f"model.init_from: {self.model.init_from} does not exist")
+        if (
+            self.model.source == "local"
+            and not self.model.init_from
+            and not (self.model.config_path and self.model.moshi_weights)
+        ):
             raise ConfigError(
                 "model.source local needs model.config_path (config.json) and model.moshi_weights"
             )
@@ -265,6 +300,9 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    from .mf_compat import refuse_moshi_finetune_keys
+
+    refuse_moshi_finetune_keys(data, overrides, path, TrainConfig)
     if overrides:
         data = apply_overrides(data, overrides)
     try:

@@ -21,6 +21,7 @@ from moshi_ttt import TTTLMGen, apply_ttt, load_ttt_config, load_ttt_weights, se
 
 from .args import TrainConfig, load_config
 from .checkpointing import list_checkpoints
+from .preflight import check_moshi_weights
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,12 @@ class LoadedModel:
 
 
 def load_checkpoint_model(
-    path: str | Path, device: str | torch.device = "cpu", with_codec: bool = True
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    with_codec: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> LoadedModel:
+    """The checkpoint's model (LM in ``dtype``: default bf16 on GPU, fp32 on CPU), tokenizer and Mimi."""
     from moshi.models import loaders
 
     from .data.audio import load_mimi
@@ -66,10 +71,13 @@ def load_checkpoint_model(
             f"{ckpt} has no moshi export (moshi/config.json): it was trained with checkpoint.export_moshi: false"
         )
     device = torch.device(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model_file = export / "model.safetensors"
     lora_file = export / "lora.safetensors"
     hf_repo = cfg.model.hf_repo if cfg.model.source == "hf" else "local/none"
+    if not model_file.is_file():  # moshi reads a .pt base checkpoint with pickle: only if the run opted in
+        check_moshi_weights(cfg.model.moshi_weights, cfg.model.allow_pickle)
     info = loaders.CheckpointInfo.from_hf_repo(
         hf_repo,
         moshi_weights=model_file if model_file.is_file() else cfg.model.moshi_weights,

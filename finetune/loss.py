@@ -25,6 +25,8 @@ from torch.nn import functional as F
 @dataclass
 class LossParts:
     loss: torch.Tensor  # the weighted objective of this micro-batch (differentiable)
+    text_weighted_sum: torch.Tensor  # sum(w * ce) over text / audio targets (detached): with the weight
+    audio_weighted_sum: torch.Tensor  # sums, the objective over any set of batches (eval)
     text_nll_sum: torch.Tensor  # unweighted sums and counts, for logging and perplexity
     text_count: torch.Tensor
     audio_nll_sum: torch.Tensor
@@ -82,4 +84,4 @@ def compute_loss(
     (t_num, t_sum, t_n), (a_num, a_sum, a_n) = parts
     t_den, a_den = norms if norms is not None else (tw.sum(), aw.sum())
     loss = text_weight * t_num / max(float(t_den), 1e-8) + audio_weight * a_num / max(float(a_den), 1e-8)
-    return LossParts(loss, t_sum, t_n, a_sum, a_n)
+    return LossParts(loss, t_num.detach(), a_num.detach(), t_sum, t_n, a_sum, a_n)

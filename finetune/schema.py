@@ -36,6 +36,13 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _yaml_scalar(value: str) -> Any:
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """``value`` converted to type ``tp``, or a ConfigError naming ``key``."""
     origin = get_origin(tp)
@@ -77,7 +84,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+        # Untyped entries set one by one on a command line (--model.tiny.dim=32) arrive as strings.
+        return {k: _yaml_scalar(v) if isinstance(v, str) else v for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import re
 import time
 import uuid
@@ -14,21 +13,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from moshi_ttt import ttt_gatings
 
 from . import distributed as D
 from .args import TrainConfig, config_to_yaml
-from .checkpointing import clean_stale_tmp, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpointing import ResumePoint, Resumer, SaveSchedule, claimed_run_dir, save_checkpoint
 from .data import BatchPlan, ResumableLoader, SyntheticCodes, eval_batches
 from .data.loader import eval_plan
 from .loss import compute_loss, target_weights
 from .model import build_model, param_table
 from .monitoring import Metrics, fmt_duration, init_wandb, setup_logging
 from .optim import build_optimizer
-from .schema import ConfigError, to_dict
+from .preflight import check_config_paths
+from .schema import ConfigError, from_dict, to_dict
 
 logger = logging.getLogger("finetune")
 
@@ -75,9 +74,19 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the keys added to the schema since it was written, at their defaults (so a
+    new key does not read as a changed setting)."""
+    try:
+        return to_dict(from_dict(TrainConfig, saved))
+    except ConfigError:  # a key since removed or renamed: compare as saved
+        return saved
+
+
 def check_resume_compatible(
     saved: dict[str, Any], current: dict[str, Any], saved_world: int, world: int
 ) -> None:
+    saved = _with_defaults(saved)
     bad = [k for k in _FIXED_KEYS if _get(saved, k) != _get(current, k)]
     if saved_world != world:
         bad.append(f"world size ({saved_world} -> {world} processes)")
@@ -188,28 +197,36 @@ def _loss(cfg: TrainConfig, out, codes, weights, norms=None):
 
 @torch.no_grad()
 def evaluate(model, base, dataset, cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, float]:
-    """Held-out loss and unweighted NLL / perplexity (exp of the per-token NLL in nats)."""
+    """Held-out loss and unweighted NLL / perplexity (exp of the per-token NLL in nats).
+
+    ``loss`` is the training objective over the whole evaluation set (every batch, every process),
+    normalised by its total target weights like the NLLs by their token counts, so it does not depend
+    on how the set is split into batches and processes."""
     model.eval()
-    sums = torch.zeros(6, device=dist_info.device, dtype=torch.float64)  # loss, text, n, audio, n, batches
+    # text: weighted CE, weights, NLL, count; audio: the same
+    sums = torch.zeros(8, device=dist_info.device, dtype=torch.float64)
     for codes in eval_batches(
         dataset, cfg.batch_size, cfg.eval.num_batches, dist_info.rank, dist_info.world_size
     ):
         codes = codes.to(dist_info.device)
         with _autocast(cfg, dist_info):
             out = model(codes)
-        p = _loss(cfg, out, codes, _weights(cfg, base, codes))
-        one = torch.ones((), device=sums.device)
+        tw, aw = _weights(cfg, base, codes)
+        p = _loss(cfg, out, codes, (tw, aw))
         sums += torch.stack(
-            [p.loss.detach(), p.text_nll_sum, p.text_count, p.audio_nll_sum, p.audio_count, one]
-        )
+            [p.text_weighted_sum, tw.sum(), p.text_nll_sum, p.text_count]
+            + [p.audio_weighted_sum, aw.sum(), p.audio_nll_sum, p.audio_count]
+        ).double()
     sums = D.all_reduce_sum(sums)
     recall = recall_metrics(model, dataset, cfg, dist_info) if hasattr(dataset, "queries") else {}
     model.train()
-    text_nll = (sums[1] / sums[2]).item()
-    audio_nll = (sums[3] / sums[4]).item()
-    nll = ((sums[1] + sums[3]) / (sums[2] + sums[4])).item()
+    loss = cfg.loss.text_weight * sums[0] / sums[1].clamp_min(1e-8)
+    loss = loss + cfg.loss.audio_weight * sums[4] / sums[5].clamp_min(1e-8)
+    text_nll = (sums[2] / sums[3]).item()
+    audio_nll = (sums[6] / sums[7]).item()
+    nll = ((sums[2] + sums[6]) / (sums[3] + sums[7])).item()
     return {
-        "loss": (sums[0] / sums[5]).item(),
+        "loss": loss.item(),
         "text_nll": text_nll,
         "audio_nll": audio_nll,
         "text_ppl": math.exp(min(text_nll, 50)),
@@ -274,7 +291,7 @@ def _absolute_paths(cfg: TrainConfig) -> None:
     """Existing relative file paths become absolute, so a saved config works from any directory."""
     for section, keys in (
         (cfg.data, ("train", "eval", "tokenizer", "mimi_weights", "mimi_config", "cache_dir")),
-        (cfg.model, ("config_path", "moshi_weights")),
+        (cfg.model, ("config_path", "moshi_weights", "init_from")),
     ):
         for key in keys:
             value = getattr(section, key)
@@ -282,23 +299,27 @@ def _absolute_paths(cfg: TrainConfig) -> None:
                 setattr(section, key, str(Path(value).resolve()))
 
 
+class Diverged(RuntimeError):
+    """The run stopped in a streak of non-finite steps (its checkpoints are intact)."""
+
+
 def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
     _absolute_paths(cfg)
+    check_config_paths(cfg)  # before run_dir or the model exists: a refused run leaves nothing behind
     run_dir = Path(cfg.run_dir)
-    resume_path = resolve_resume(cfg)
+    with claimed_run_dir(run_dir, dist_info.is_main):
+        return _run(cfg, dist_info, run_dir)
+
+
+def _run(cfg: TrainConfig, dist_info: D.DistInfo, run_dir: Path) -> dict[str, Any]:
     cfg_dict = to_dict(cfg)
-    trainer_state: dict[str, Any] = {}
-    if resume_path is not None:
-        saved_cfg = yaml.safe_load((resume_path / "config.yaml").read_text())
-        trainer_state = torch.load(resume_path / "trainer_state.pt", weights_only=True, map_location="cpu")
-        check_resume_compatible(saved_cfg, cfg_dict, trainer_state["world_size"], dist_info.world_size)
-    lock = None
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = _lock_run_dir(run_dir)
-        clean_stale_tmp(run_dir)
-        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    D.barrier()
+    resumer = Resumer(cfg, dist_info)
+
+    def vet(point: ResumePoint) -> None:
+        check_resume_compatible(point.config, cfg_dict, int(point.state["world_size"]), dist_info.world_size)
+
+    if resumer.pick() is not None:
+        vet(resumer.point)
 
     built = build_model(cfg, dist_info.device)
     base = built.model
@@ -307,7 +328,14 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
     if _use_bf16(cfg, dist_info) and dist_info.device.type == "cpu":
         logger.warning("precision bf16 on CPU: bf16 autocast on the CPU, usually slower than fp32")
     train_set, eval_set = build_datasets(cfg, base)
-    plan = BatchPlan(len(train_set), cfg.batch_size, dist_info.rank, dist_info.world_size, seed=cfg.seed)
+    plan = BatchPlan(
+        len(train_set),
+        cfg.batch_size,
+        dist_info.rank,
+        dist_info.world_size,
+        seed=cfg.seed,
+        shuffle=cfg.data.shuffle,
+    )
     if eval_set is not None:  # a too-small held-out set fails now, not at the first evaluation
         eval_plan(len(eval_set), cfg.batch_size, dist_info.rank, dist_info.world_size)
     loader = ResumableLoader(train_set, plan, num_workers=cfg.data.num_workers)
@@ -317,18 +345,21 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
     start_step = 0
     nonfinite_run = 0
     wandb_id = uuid.uuid4().hex[:12]
-    if resume_path is not None:
-        state = load_checkpoint(
-            resume_path, model=model, optimizer=optimizer, scheduler=scheduler, dist_info=dist_info
-        )
-        start_step = int(state["step"])
-        loader.load_state_dict(state["data"])
-        nonfinite_run = int(state.get("nonfinite_run", 0))
-        wandb_id = state.get("wandb_id") or wandb_id
+    point = resumer.restore(model, optimizer, scheduler, vet)
+    schedule = SaveSchedule(cfg, dist_info.is_main, point)
+    if point is not None:
+        start_step = point.step
+        loader.load_state_dict(point.data_state)
+        wandb_id = point.state.get("wandb_id") or wandb_id
         _apply_new_lrs(optimizer, scheduler, cfg)
-        logger.info("resumed from %s at step %d", resume_path, start_step)
+        logger.info("resumed from %s at step %d", point.path, start_step)
+    if dist_info.is_main:
+        resumer.set_aside_newer()
+        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    D.barrier()
     wandb_run = init_wandb(cfg, run_dir, wandb_id, cfg_dict) if dist_info.is_main else None
     metrics = Metrics(run_dir, dist_info.is_main, wandb_run)
+    metrics.start(start_step, str(point.path) if point is not None else None)
     gatings = list(ttt_gatings(base).values()) if cfg.ttt.enabled else []
 
     frames_per_step = cfg.batch_size * cfg.grad_accum * dist_info.world_size * cfg.data.num_frames
@@ -396,9 +427,9 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
                 "skip", step, {"loss": loss, "grad_norm": float(grad_norm), "in_a_row": nonfinite_run}
             )
             if nonfinite_run >= cfg.max_nonfinite_steps:
-                raise RuntimeError(
+                raise Diverged(
                     f"{nonfinite_run} consecutive steps had a non-finite loss or gradient (last at step {step}); "
-                    "stopping. Lower optim.lr or ttt.eta, or check the data; the last checkpoint is intact"
+                    f"stopping. {schedule.diverged()}"
                 )
         with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
@@ -419,7 +450,7 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
             values = dict(
                 last, tokens_per_s=frames_per_step / max(dt, 1e-9), step_time=dt, data_time=data_time
             )
-            values["data/skipped_items"] = loader.skipped
+            values["data/skipped_items"] = loader.skipped_all_ranks()
             for group in optimizer.param_groups:
                 values[f"lr/{group.get('name', 'group')}"] = group["lr"]
             if gatings:
@@ -452,23 +483,27 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
                 ev["audio_ppl"],
                 "".join(f" | {k} {ev[k]:.3f}" for k in ("recall_acc_near", "recall_acc_far") if k in ev),
             )
-        if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or is_last:
+        if schedule.due(step, nonfinite_run):
             save_checkpoint(
                 step=step,
                 model=model,
                 optimizer=optimizer,
                 scheduler=scheduler,
                 data_state=loader.state_dict(),
-                extra={"nonfinite_run": nonfinite_run, "wandb_id": wandb_id},
+                extra={"wandb_id": wandb_id, **schedule.state()},
                 config_yaml=config_to_yaml(cfg),
                 raw_config=built.raw_config,
                 cfg=cfg,
                 dist_info=dist_info,
             )
+            schedule.saved(step)
+    if schedule.pending:
+        raise Diverged(
+            f"the run ended in {nonfinite_run} non-finite step(s) in a row, so its final checkpoint was not "
+            f"written. {schedule.diverged()}"
+        )
     if wandb_run is not None:
         wandb_run.finish()
-    if lock is not None:
-        lock.close()
     logger.info(
         "done: %d steps in %s, run directory %s",
         cfg.max_steps - start_step,
@@ -476,28 +511,6 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
         run_dir,
     )
     return {"step": cfg.max_steps, "run_dir": str(run_dir), **last}
-
-
-def _lock_run_dir(run_dir: Path):
-    """An exclusive lock on ``run_dir`` for this run's lifetime: two trainings writing one run directory
-    (a sweep launched twice, a relaunch while the first is alive) would corrupt its checkpoints."""
-    import fcntl
-
-    f = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held open until the process exits
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as e:
-        f.seek(0)
-        owner = f.read().strip() or "?"
-        f.close()
-        raise RuntimeError(
-            f"{run_dir} is in use by another training process (pid {owner}); nothing was changed"
-        ) from e
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
 
 
 def _apply_new_lrs(optimizer, scheduler, cfg: TrainConfig) -> None:

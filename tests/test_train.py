@@ -55,6 +55,11 @@ def losses(run_dir) -> dict[int, float]:
     return out
 
 
+def evals(run_dir) -> dict[int, dict]:
+    recs = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in recs if r["kind"] == "eval"}
+
+
 def final_weights(run_dir) -> dict[str, torch.Tensor]:
     return load_file(str(list_checkpoints(run_dir)[-1][1] / "trainable.safetensors"))
 
@@ -364,6 +369,10 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     }
     for s in grad:  # clipping uses the global norm over all ranks
         assert grad2[s] == pytest.approx(grad[s], rel=1e-4), s
+    ev1, ev2 = evals(one), evals(two)  # the final evaluation: the same 4 items, split 1 x 2x2 or 2 x 2x1
+    assert sorted(ev1) == sorted(ev2) == [4]
+    for k in ("loss", "text_nll", "audio_nll", "ppl"):
+        assert ev2[4][k] == pytest.approx(ev1[4][k], rel=1e-5), k
     ck = list_checkpoints(two)[-1][1]
     assert (ck / "ttt.safetensors").is_file() and (ck / "moshi" / "model.safetensors").is_file()
     if strategy == "fsdp":
@@ -446,7 +455,7 @@ def test_bad_local_checkpoint_is_a_clear_error(tmp_path):
         "model.config_path": str(base_dir / "config.json"),
         "model.moshi_weights": str(tmp_path / "nope.safetensors"),
     }
-    with pytest.raises(FileNotFoundError, match="model.moshi_weights: .*nope.safetensors does not exist"):
+    with pytest.raises(ConfigError, match="model.moshi_weights: .*nope.safetensors does not exist"):
         train(tiny_cfg(tmp_path / "x", **over))
     raw = json.loads((base_dir / "config.json").read_text())
     raw["dim"] = 48  # a config that does not match the weights
@@ -462,13 +471,13 @@ def test_bad_local_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_a_run_directory_in_use_is_refused(tmp_path):
-    from finetune.trainer import _lock_run_dir
+    from finetune.checkpointing import lock_run_dir
 
     run = tmp_path / "busy"
     run.mkdir()
-    held = _lock_run_dir(run)
+    held = lock_run_dir(run)
     try:
-        with pytest.raises(RuntimeError, match="is in use by another training process"):
+        with pytest.raises(ConfigError, match="is in use by another training process"):
             train(tiny_cfg(run, max_steps=1))
         assert not (run / "checkpoints").exists()
     finally:
@@ -488,3 +497,11 @@ def test_ttt_mlp_variant_trains_resumes_and_exports(tmp_path):
     assert tr["ttt/layer1/gate"] != 0.0 and "ttt/layer1/update_norm" in tr  # the gate moved off 0
     with pytest.raises(ConfigError, match="ttt.variant"):
         train(tiny_cfg(tmp_path / "m", **{**over, "ttt.variant": "inplace"}))
+
+
+def test_readme_parameter_table_is_what_the_code_prints():
+    from finetune.model import build_model, param_table
+
+    table = param_table(build_model(load_config(ROOT / "configs/tiny.yaml"), torch.device("cpu")).model)
+    readme = (ROOT / "README.md").read_text()
+    assert f"```\n{table}\n```" in readme, "regenerate the README's table from finetune.model.param_table"
