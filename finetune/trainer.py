@@ -98,6 +98,8 @@ class Trainer:
         self.base = self.built.model  # the model itself, without a DDP / FSDP wrapper
         self.base.train()
         logger.info("trainable parameters (finetune=%s):\n%s", self.cfg.finetune, param_table(self.base))
+        if D.use_bf16(self.cfg, self.dist) and self.dist.device.type == "cpu":
+            logger.warning("precision bf16 on CPU: bf16 autocast on the CPU, usually slower than fp32")
 
     def _setup_data(self) -> None:
         cfg, rank, world = self.cfg, self.dist.rank, self.dist.world_size

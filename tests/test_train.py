@@ -289,6 +289,18 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
     assert [r["in_a_row"] for r in rec if r["kind"] == "skip"] == [1, 2, 3]
 
 
+def test_bf16_autocast_on_cpu_trains_with_either_update_precision(tmp_path):
+    """precision: bf16 runs CPU autocast (how the recall task checks bf16 update math on CPU)."""
+    runs = {}
+    for prec in ("fp32", "bf16"):
+        train(tiny_cfg(tmp_path / prec, max_steps=4, precision="bf16", **{"ttt.update_precision": prec}))
+        runs[prec] = losses(tmp_path / prec)
+    assert all(torch.isfinite(torch.tensor(list(r.values()))).all() for r in runs.values())
+    assert runs["fp32"][1] == runs["bf16"][1]  # the target path starts at zero: no TTT term yet
+    assert runs["fp32"][4] != runs["bf16"][4]  # afterwards the setting is in effect...
+    assert runs["fp32"][4] == pytest.approx(runs["bf16"][4], rel=1e-2)  # ...at bf16 rounding level
+
+
 # ---------------------------------------------------------------- modes and exports
 
 
