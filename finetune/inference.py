@@ -21,6 +21,7 @@ from moshi_ttt import TTTLMGen, apply_ttt, load_ttt_config, load_ttt_weights, se
 
 from .args import TrainConfig, load_config
 from .checkpointing import list_checkpoints
+from .data.audio import FRAME_RATE
 from .preflight import check_moshi_weights
 
 logger = logging.getLogger(__name__)
@@ -223,7 +224,9 @@ def stream_conversations(
     )
 
 
-def text_with_timestamps(tokenizer, tokens: np.ndarray, frame_rate: float = 12.5) -> list[tuple[float, str]]:
+def text_with_timestamps(
+    tokenizer, tokens: np.ndarray, frame_rate: float = FRAME_RATE
+) -> list[tuple[float, str]]:
     """Words of Moshi's text stream with the time (s) of their first token; padding ids skipped."""
     words: list[tuple[float, str]] = []
     for f, tok in enumerate(int(t) for t in tokens):

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from .data.audio import FRAME_RATE
 from .schema import ConfigError
 
 CONVERTER = "python scripts/from_moshi_finetune.py"
@@ -386,8 +387,8 @@ def convert(mf: dict[str, Any], *, mf_root: str | Path = ".", cache_dir: str | N
             "data.shuffle: the windows are reshuffled every epoch as there, but by another shuffler, so the "
             "order differs (false keeps the manifest order, the same order as there)"
         )
-    frames = math.ceil(float(v["duration_sec"]) * 12.5)  # as moshi-finetune computes its window length
-    seconds = frames / 12.5
+    frames = math.ceil(float(v["duration_sec"]) * FRAME_RATE)  # as moshi-finetune computes its window length
+    seconds = frames / FRAME_RATE
     mapped("duration_sec", "data.duration_sec", seconds, f"{frames} frames of 80 ms")
     if not math.isclose(seconds, float(v["duration_sec"])):
         conv.differs.append(
@@ -428,8 +429,8 @@ def convert(mf: dict[str, Any], *, mf_root: str | Path = ".", cache_dir: str | N
     conv.set("optim.eps", 1e-8)
     mapped("max_norm", "optim.max_grad_norm", float(v["max_norm"]))
     conv.added.append(
-        "optim.ttt_lr: null (the TTT parameters train at optim.lr; configs/moshi7b_lora_ttt.yaml gives them "
-        "1e-4: --optim.ttt_lr=1e-4)"
+        "optim.ttt_params_lr: null (the TTT parameters train at optim.lr; configs/moshi7b_lora_ttt.yaml gives "
+        "them 1e-4: --optim.ttt_params_lr=1e-4)"
     )
 
     # -- evaluation and checkpoints

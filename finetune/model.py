@@ -265,7 +265,7 @@ def optimizer_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]
         groups.setdefault((is_ttt, decay), []).append(p)
     out = []
     for (is_ttt, decay), params in sorted(groups.items()):
-        lr = cfg.optim.ttt_lr if (is_ttt and cfg.optim.ttt_lr is not None) else cfg.optim.lr
+        lr = cfg.optim.group_lr(is_ttt)
         name = ("ttt" if is_ttt else "model") + ("" if decay else "_no_decay")
         out.append(
             {

@@ -1,4 +1,4 @@
-"""Console progress, ``metrics.jsonl`` and Weights & Biases (rank 0 only)."""
+"""Console progress, ``metrics.jsonl``, Weights & Biases (rank 0 only) and the TTT layers' telemetry."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from moshi_ttt import ttt_gatings
 
 logger = logging.getLogger("finetune")
 
@@ -111,3 +113,9 @@ def init_wandb(cfg, run_dir: Path, run_id: str | None, config_dict: dict[str, An
         tags=w.tags or None,
         config=config_dict,
     )
+
+
+def ttt_telemetry(base) -> dict[str, float]:
+    """Per TTT layer: In-Place TTT's ``||w_down - w_down_pretrained||`` (or TTT-MLP's gate) and the norm
+    of the last sequence's accumulated fast-weight update."""
+    return {f"ttt/layer{i}/{k}": v for i, g in ttt_gatings(base).items() for k, v in g.telemetry().items()}

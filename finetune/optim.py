@@ -3,6 +3,7 @@ moshi-finetune's one-cycle schedule (``onecycle``, torch's ``OneCycleLR`` with i
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -10,6 +11,8 @@ from torch import nn
 
 from .args import TrainConfig
 from .model import optimizer_groups
+
+logger = logging.getLogger("finetune")
 
 # torch.optim.lr_scheduler.OneCycleLR's defaults, which moshi-finetune uses unchanged.
 ONECYCLE_DIV_FACTOR = 25.0  # the first lr is lr / 25
@@ -82,3 +85,19 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig):
         opt, lambda s: lr_factor(s, o.warmup_steps, cfg.max_steps, o.min_lr_ratio)
     )
     return opt, sched
+
+
+def apply_new_lrs(optimizer: torch.optim.Optimizer, scheduler, cfg: TrainConfig) -> None:
+    """A changed optim.lr / optim.ttt_params_lr takes effect on resume (the scheduler keeps its position)."""
+    for i, group in enumerate(optimizer.param_groups):
+        lr = cfg.optim.group_lr(group.get("name", "").startswith("ttt"))
+        if not math.isclose(scheduler.base_lrs[i], lr):
+            logger.warning(
+                "learning rate of group %s changed on resume: %g -> %g",
+                group.get("name"),
+                scheduler.base_lrs[i],
+                lr,
+            )
+            scheduler.base_lrs[i] = lr
+            group["initial_lr"] = lr
+            group["lr"] = lr * scheduler.lr_lambdas[i](scheduler.last_epoch)

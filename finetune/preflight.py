@@ -31,6 +31,18 @@ def check_moshi_weights(path: str | None, allow_pickle: bool) -> None:
         )
 
 
+def absolute_paths(cfg) -> None:
+    """Existing relative file paths of ``cfg`` become absolute, so a saved config works from any directory."""
+    for section, keys in (
+        (cfg.data, ("train", "eval", "tokenizer", "mimi_weights", "mimi_config", "cache_dir")),
+        (cfg.model, ("config_path", "moshi_weights", "init_from")),
+    ):
+        for key in keys:
+            value = getattr(section, key)
+            if value and not value.startswith("hf://") and Path(value).exists():
+                setattr(section, key, str(Path(value).resolve()))
+
+
 def check_config_paths(cfg) -> None:
     """ConfigError naming the key of the first file that is missing or unusable."""
     m, d = cfg.model, cfg.data

@@ -174,6 +174,7 @@ class TTTGating(TTTLayer[_TTTState]):
             self.config.chunk_size,
             form=self.config.fast_form,
             return_final=False,
+            precision=self.config.update_precision,
         )
         if self.record_stats:
             with torch.no_grad():

@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from finetune.data.audio import FRAME_RATE  # noqa: E402
 from finetune.serve import DTYPES, Sampling, SlotBatch  # noqa: E402
 
 RANDOM = {
@@ -176,7 +177,7 @@ def main() -> int:
         return 1
     cpu_col = device.type == "cpu"  # CPU time per step: less sensitive than wall time to a shared machine
     print(
-        "slots | ms per step: mean    p50    p95    max | frames/s per slot (real time 12.5) | x real time"
+        f"slots | ms per step: mean    p50    p95    max | frames/s per slot (real time {FRAME_RATE:g}) | x real time"
         + (" | CPU ms per step" if cpu_col else "")
     )
     for B in args.batch_sizes:
@@ -184,7 +185,7 @@ def main() -> int:
         fps = 1e3 / t.mean()
         print(
             f"{B:5d} | {t.mean():18.2f} {np.percentile(t, 50):6.2f} {np.percentile(t, 95):6.2f} {t.max():6.2f} | "
-            f"{fps:34.1f} | {fps / 12.5:11.2f}" + (f" | {c.mean():15.2f}" if cpu_col else "")
+            f"{fps:34.1f} | {fps / FRAME_RATE:11.2f}" + (f" | {c.mean():15.2f}" if cpu_col else "")
         )
     return 0
 

@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
     from tqdm import tqdm
 
     from finetune.args import load_config
-    from finetune.data.audio import BadItem, CodeCache, encode_stereo, load_mimi, read_stereo
+    from finetune.data.audio import FRAME_RATE, BadItem, CodeCache, encode_stereo, load_mimi, read_stereo
     from finetune.data.build import config_num_codebooks, resolve_assets
     from finetune.data.dataset import read_manifest
     from finetune.preflight import check_config_paths
@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
             print(f"skipped: {err}", file=sys.stderr)
             continue
         cache.put(e.path, codes)
-        seconds += codes.shape[1] / 12.5
+        seconds += codes.shape[1] / FRAME_RATE
     dt = time.time() - t0
     print(
         f"encoded {len(todo) - failed} files ({seconds:.0f} s of audio) in {dt:.1f} s "

@@ -98,7 +98,7 @@ def tiny_ckpt(tiny_ds, tmp_path_factory):
             "tiny": {"dim": 32, "num_layers": 2, "num_heads": 2, "context": 16, "n_q": 8, "dep_q": 4},
         },
         "ttt": {"layers": [1], "chunk_size": 8, "eta": 0.5},
-        "optim": {"lr": 3e-3, "ttt_lr": 3e-2},
+        "optim": {"lr": 3e-3, "ttt_params_lr": 3e-2},
         "data": {
             "source": "manifest",
             "train": str(tiny_ds / "train.jsonl"),

@@ -49,16 +49,16 @@ def nan_loss_on(monkeypatch, bad_calls: set[int]) -> None:
     """The training loss of the given (1-based) calls becomes NaN: those steps are non-finite."""
     import finetune.trainer as T
 
-    real, calls = T._loss, [0]
+    real, calls = T.training_loss, [0]
 
-    def flaky(cfg, out, codes, weights, norms=None):
-        parts = real(cfg, out, codes, weights, norms)
+    def flaky(opts, out, codes, weights, norms=None):
+        parts = real(opts, out, codes, weights, norms)
         calls[0] += 1
         if calls[0] in bad_calls:
             parts.loss = parts.loss * float("nan")
         return parts
 
-    monkeypatch.setattr(T, "_loss", flaky)
+    monkeypatch.setattr(T, "training_loss", flaky)  # the trainer's training steps, not its evaluation
 
 
 # ---------------------------------------------------------------- 1. divergence
@@ -262,7 +262,8 @@ def test_no_loadable_checkpoint_is_refused_and_nothing_is_deleted(tmp_path):
         ([float("nan"), 0.9], r"start and end must be numbers of seconds, got nan"),
         ([None, 0.9], r"start and end must be numbers of seconds, got None"),
         ([True, 0.9], r"start and end must be numbers of seconds, got True"),
-        ([0.9, 0.5], r"invalid time span"),
+        ([-0.5, 0.9], r"starts before the audio"),
+        ([0.9, 0.5], r"end at or before their start \(dropped from the text stream"),
     ],
 )
 def test_bad_alignment_times_are_reported_by_the_checker(tiny_ds, tmp_path, times, reason):
@@ -273,7 +274,16 @@ def test_bad_alignment_times_are_reported_by_the_checker(tiny_ds, tmp_path, time
     p.write_text(json.dumps(data))  # NaN as the JSON token Python writes
     problems = check_manifest(ds / "train.jsonl")
     assert len(problems) == 1
-    assert problems[0].startswith(f"{p}: alignment #0") and re.search(reason, problems[0])
+    assert problems[0].startswith(f"{p}: ") and re.search(reason, problems[0])
+
+
+def test_a_backwards_word_is_dropped_not_its_file():
+    from finetune.data.interleave import parse_alignments
+
+    words = parse_alignments(
+        {"alignments": [["a", [0.9, 0.5], "SPEAKER_MAIN"], ["b", [1.0, 1.2], "SPEAKER_MAIN"]]}, "x.json"
+    )
+    assert [w.text for w in words] == ["a", "b"]  # kept here; the interleaver drops "a" (test_interleave)
 
 
 def test_bad_alignments_and_manifest_bytes_are_skipped_in_training(tiny_ds, tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""Building the manifest datasets of a training config."""
+"""The datasets of a training config: :func:`build_datasets` dispatches on ``data.source``
+(``synthetic``, ``recall``, or ``manifest``: the conversation datasets built here)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,17 @@ import sentencepiece
 from ..schema import ConfigError
 from .dataset import CodeSource, ConversationDataset, read_manifest
 from .interleave import Interleaver
+from .recall import recall_datasets
+from .synthetic import synthetic_datasets
+
+
+def build_datasets(cfg, model):
+    """(train, eval) datasets of ``cfg.data.source`` for moshi ``model``; eval None: no held-out data."""
+    if cfg.data.source == "synthetic":
+        return synthetic_datasets(cfg, model)
+    if cfg.data.source == "recall":
+        return recall_datasets(cfg, model)
+    return conversation_datasets(cfg, model)
 
 
 def resolve_assets(cfg) -> tuple[str, str, str | None]:

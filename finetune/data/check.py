@@ -133,6 +133,13 @@ def _check_alignments(audio: Path, seconds: float, tokenizer, unknown: UnknownWo
             f"{p}: {len(outside)} word(s) end after the audio ({seconds:.2f} s), first {w.text!r} at "
             f"[{w.start}, {w.end}]"
         )
+    backwards = [w for w in words if w.end <= w.start]
+    if backwards:
+        w = backwards[0]
+        out.append(
+            f"{p}: {len(backwards)} word(s) end at or before their start (dropped from the text stream, as "
+            f"moshi-finetune drops them), first {w.text!r} at [{w.start}, {w.end}]"
+        )
     main = [w for w in words if w.speaker == MAIN_SPEAKER]
     if not main:
         out.append(f"{p}: empty transcript (no {MAIN_SPEAKER} word): the text stream would be all padding")

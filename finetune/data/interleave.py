@@ -41,6 +41,8 @@ from typing import Literal, Protocol
 
 import torch
 
+from .audio import FRAME_RATE
+
 MAIN_SPEAKER = "SPEAKER_MAIN"
 TextOverlap = Literal["drop", "delay"]
 
@@ -68,7 +70,9 @@ def parse_alignments(data: object, source: str = "alignments") -> list[Word]:
     """Words from moshi-finetune's JSON: ``{"alignments": [[word, [start, end], speaker], ...]}``.
 
     ValueError naming ``source``, the alignment's index and what is wrong: times must be JSON numbers
-    (``"1.0"`` as a string, ``NaN`` or ``null`` are refused, not guessed at), ``0 <= start <= end``.
+    (``"1.0"`` as a string, ``NaN`` or ``null`` are refused, not guessed at) and ``start >= 0``. A word
+    whose end is not after its start is kept here and dropped by the interleaver, as moshi-finetune
+    drops it (the rest of the file stays usable); ``scripts/check_dataset.py`` reports such words.
     """
     if not isinstance(data, dict) or not isinstance(data.get("alignments"), list):
         raise ValueError(f"{source}: expected a JSON object with an 'alignments' list")
@@ -93,8 +97,8 @@ def parse_alignments(data: object, source: str = "alignments") -> list[Word]:
                 f"{source}: alignment #{i} {item!r}: start and end must be numbers of seconds, got "
                 f"{start!r} and {end!r}"
             )
-        if e < s or s < 0:
-            raise ValueError(f"{source}: alignment #{i} {item!r} has an invalid time span")
+        if s < 0:
+            raise ValueError(f"{source}: alignment #{i} {item!r} starts before the audio (negative time)")
         words.append(Word(text, s, e, str(rest[0]) if rest else MAIN_SPEAKER))
     return words
 
@@ -105,7 +109,7 @@ class Interleaver:
     def __init__(
         self,
         tokenizer: TextTokenizer,
-        frame_rate: float = 12.5,
+        frame_rate: float = FRAME_RATE,
         text_padding_id: int = 3,
         end_of_text_padding_id: int = 0,
         zero_token_id: int = -1,

@@ -9,9 +9,9 @@ The value of a query is the target whose accuracy and loss are reported per dist
 definition's value to the query's value). Keys are distinct within a sequence and values are drawn
 afresh for every sequence, so a value can only be recovered from earlier in the same sequence; a near
 query's value is within one attention window (``context`` steps) of its definition, a far query's
-at least ``far_min`` steps after it: beyond the whole stack's receptive field (``num_layers x
-(context - 1)``, as the trainer sets it), so only something that carries information past the window,
-like TTT fast weights, can answer it. Between events the text stream holds PAD (or, with
+at least ``far_min`` steps after it: beyond the whole stack's receptive field
+(:func:`receptive_field`, as :func:`recall_datasets` sets it), so only something that carries
+information past the window, like TTT fast weights, can answer it. Between events the text stream holds PAD (or, with
 ``filler_rate``, random filler tokens on that fraction of the free frames, as words in speech).
 
 The audio codebooks (``audio``):
@@ -40,6 +40,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..schema import ConfigError
+from .synthetic import EVAL_SEED_OFFSET
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ class RecallTask(Dataset):
 def _audio_bank(dataset, num_frames: int) -> list[torch.Tensor]:
     """The whole-file code streams ``[n_q, frames]`` of a manifest dataset's conversations that hold
     at least ``num_frames`` frames (unreadable ones are skipped with a warning, shorter ones left out)."""
-    from .audio import BadItem
+    from .audio import FRAME_RATE, BadItem
 
     streams, short = [], 0
     for entry in dataset.entries:
@@ -224,16 +225,33 @@ def _audio_bank(dataset, num_frames: int) -> list[torch.Tensor]:
     if not streams:
         raise ConfigError(
             f"data.recall.audio: bank needs conversations of at least {num_frames} frames "
-            f"({num_frames / 12.5:g} s, data.duration_sec); the manifest has none ({short} shorter)"
+            f"({num_frames / FRAME_RATE:g} s, data.duration_sec); the manifest has none ({short} shorter)"
         )
     return streams
 
 
+def attention_window(lm) -> int | None:
+    """The attention window of moshi ``lm``'s main transformer, in steps (None: unlimited)."""
+    return lm.transformer.layers[0].self_attn.context
+
+
+def receptive_field(lm) -> int | None:
+    """How far back (steps) moshi ``lm`` can see through attention alone: each layer reaches
+    ``context - 1`` steps further back than the layer below, so ``num_layers * (context - 1)``;
+    None when attention is unlimited."""
+    context = attention_window(lm)
+    return None if context is None else len(lm.transformer.layers) * (context - 1)
+
+
 def recall_datasets(cfg, model) -> tuple[RecallTask, RecallTask]:
-    """Train and eval recall sets of a training config (``data.recall``) for ``model``."""
+    """Train and eval recall sets of a training config (``data.recall``) for moshi ``model``: far
+    queries lie beyond the model's receptive field."""
+    receptive = receptive_field(model)
+    if receptive is None:
+        raise ConfigError(
+            "data.source recall: the task needs a model with a limited attention window (model.tiny.context)"
+        )
     r = cfg.data.recall
-    context = model.transformer.layers[0].self_attn.context
-    receptive = len(model.transformer.layers) * (context - 1)  # stacked windows reach this far
     banks = (None, None)
     if r.audio == "bank":
         from .build import conversation_datasets
@@ -244,7 +262,7 @@ def recall_datasets(cfg, model) -> tuple[RecallTask, RecallTask]:
         banks = (train_bank, _audio_bank(eval_audio, T) if eval_audio is not None else train_bank)
     common = dict(
         num_frames=cfg.data.num_frames,
-        context=context,
+        context=attention_window(model),
         far_min=receptive + 2,
         num_keys=r.num_keys,
         num_values=r.num_values,
@@ -257,5 +275,5 @@ def recall_datasets(cfg, model) -> tuple[RecallTask, RecallTask]:
         filler_rate=r.filler_rate,
     )
     train = RecallTask(r.num_train, seed=cfg.seed, audio_bank=banks[0], **common)
-    evals = RecallTask(r.num_eval, seed=cfg.seed + 7919, audio_bank=banks[1], **common)
+    evals = RecallTask(r.num_eval, seed=cfg.seed + EVAL_SEED_OFFSET, audio_bank=banks[1], **common)
     return train, evals
