@@ -42,9 +42,9 @@ from moshi.models import loaders  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from finetune.args import TrainConfig, load_config  # noqa: E402
+from finetune.loss import loss_weights, training_loss  # noqa: E402
 from finetune.model import build_model  # noqa: E402
 from finetune.optim import build_optimizer  # noqa: E402
-from finetune.loss import loss_weights, training_loss  # noqa: E402
 from moshi_ttt import ttt_gatings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
