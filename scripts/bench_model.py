@@ -42,9 +42,9 @@ from moshi.models import loaders  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from finetune.args import TrainConfig, load_config  # noqa: E402
+from finetune.loss import loss_weights, training_loss  # noqa: E402
 from finetune.model import build_model  # noqa: E402
 from finetune.optim import build_optimizer  # noqa: E402
-from finetune.trainer import _loss, _weights  # noqa: E402
 from moshi_ttt import ttt_gatings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def step(model, cfg: TrainConfig, optimizer, params, codes: torch.Tensor) -> Non
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(codes.device.type, dtype=torch.bfloat16):
         out = model(codes)
-        loss = _loss(cfg, out, codes, _weights(cfg, model, codes)).loss
+        loss = training_loss(cfg.loss, out, codes, loss_weights(cfg.loss, model, codes)).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
     optimizer.step()
