@@ -59,7 +59,7 @@ from torch.nn import functional as F
 from .config import TTTConfig
 from .layer import ParamGroup, TTTLayer, TTTState, full_tensor
 from .ops.common import no_autocast
-from .ops.mlp import FastWeights, read_out, token_weights, ttt_mlp_chunked, ttt_mlp_piece
+from .ops.mlp import FastWeights, InnerParams, read_out, token_weights, ttt_mlp_chunked, ttt_mlp_piece
 
 POST_NORM_EPS = 1e-6  # both references' post-norm epsilon (nn.LayerNorm(width, eps=1e-6))
 
@@ -205,9 +205,8 @@ class TTTMLPGating(TTTLayer[_MLPState]):
             if not update:  # every token reads W^(0)
                 o = read_out(FastWeights.expand(self._init(), x.shape[0]), xq, *self._ln())
                 return self.base(x) + self._merge(o, x)
-            o, final = ttt_mlp_chunked(
-                xq, xk, xv, lr, self.token_offset, self._init(), *self._ln(), self.config.chunk_size
-            )
+            inner = InnerParams(self._init(), *self._ln(), self.token_offset)
+            o, final = ttt_mlp_chunked(xq, xk, xv, lr, inner, self.config.chunk_size)
         if self.record_stats:
             with torch.no_grad():
                 init = FastWeights.expand(self._init(), x.shape[0])

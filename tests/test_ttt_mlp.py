@@ -19,6 +19,7 @@ from moshi_ttt import (
     ttt_state_dict,
 )
 from moshi_ttt.ops.mlp import (
+    InnerParams,
     gelu_grad,
     ln_l2_grad,
     token_weights,
@@ -50,7 +51,7 @@ def _run_with_grads(fn, args, C):
     """Outputs, final weights and the gradient of a random functional of both w.r.t. every input."""
     xq, xk, xv, lr, offset, init, lnw, lnb = args
     leaves = [xq, xk, xv, lr, offset, *init, lnw, lnb]
-    out, final = fn(xq, xk, xv, lr, offset, init, lnw, lnb, C)
+    out, final = fn(xq, xk, xv, lr, InnerParams(init, lnw, lnb, offset), C)
     g = torch.Generator().manual_seed(1)
 
     def rand(t):  # the same numbers in float32 and float64
@@ -120,10 +121,10 @@ def test_tokens_read_updates_from_earlier_tokens_of_their_own_chunk_and_nothing_
     xq, xk, xv, lr, offset, init, lnw, lnb = (
         tuple(t.detach() for t in a) if isinstance(a, tuple) else a.detach() for a in _inputs(B=1, T=8, C=8)
     )
-    out, _ = ttt_mlp_chunked(xq, xk, xv, lr, offset, init, lnw, lnb, 8)
+    out, _ = ttt_mlp_chunked(xq, xk, xv, lr, InnerParams(init, lnw, lnb, offset), 8)
     xv2 = xv.clone()
     xv2[:, :, 3] += 1.0  # token 3's value: changes what tokens 3.. of the same chunk read, not 0..2
-    out2, _ = ttt_mlp_chunked(xq, xk, xv2, lr, offset, init, lnw, lnb, 8)
+    out2, _ = ttt_mlp_chunked(xq, xk, xv2, lr, InnerParams(init, lnw, lnb, offset), 8)
     assert torch.equal(out[:, :, :3], out2[:, :, :3])
     assert all((out[:, :, t] - out2[:, :, t]).abs().max() > 1e-4 for t in range(3, 8))
 
@@ -132,7 +133,7 @@ def test_with_zero_rates_every_token_reads_the_initial_weights():
     xq, xk, xv, lr, offset, init, lnw, lnb = (
         tuple(t.detach() for t in a) if isinstance(a, tuple) else a.detach() for a in _inputs(T=9, C=4)
     )
-    out, final = ttt_mlp_chunked(xq, xk, xv, torch.zeros_like(lr), offset, init, lnw, lnb, 4)
+    out, final = ttt_mlp_chunked(xq, xk, xv, torch.zeros_like(lr), InnerParams(init, lnw, lnb, offset), 4)
     pred = F.gelu(xq @ init[0] + init[1][:, None], approximate="tanh") @ init[2] + init[3][:, None]
     ln = torch.stack([F.layer_norm(pred[:, h], (4,), lnw[h], lnb[h], 1e-6) for h in range(2)], 1)
     torch.testing.assert_close(out, xq + ln)

@@ -47,6 +47,7 @@ from torch.nn import functional as F
 
 __all__ = [
     "FastWeights",
+    "InnerParams",
     "gelu_grad",
     "ln_l2_grad",
     "read_out",
@@ -137,6 +138,19 @@ class FastWeights:
         return _gelu(x @ self.w1 + self.b1) @ self.w2 + self.b2
 
 
+@dataclass
+class InnerParams:
+    """The inner loop's learned parameters (slow weights, trained by the outer loop only)."""
+
+    init: tuple[torch.Tensor, ...]  # the initial fast weights: W1 [H,D,E], b1 [H,E], W2 [H,E,D], b2 [H,D]
+    ln_weight: torch.Tensor  # [H, D]: the inner LayerNorm's scale
+    ln_bias: torch.Tensor  # [H, D]: and shift
+    token_offset: torch.Tensor  # [C]: the rate offsets tau' of the chunk positions
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (*self.init, self.ln_weight, self.ln_bias, self.token_offset)
+
+
 def read_out(
     w: FastWeights, xq: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor
 ) -> torch.Tensor:
@@ -181,30 +195,31 @@ def _ln_reference(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
     )
 
 
+def _prepare(
+    xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tensor, p: InnerParams, chunk_size: int
+) -> tuple[torch.Tensor, ...]:
+    """Both forms' start: check the inputs, cast them to the compute dtype, the position factors
+    ``tau [C]`` and the initial weights expanded over the batch. Returns
+    ``(xq, xk, xv, lr, ln_weight, ln_bias, tau, w)``."""
+    _check(xq, xk, xv, lr, p.token_offset, chunk_size)
+    dt = _compute_dtype(xq, xk, xv, lr, *p.tensors())
+    xq, xk, xv, lr = (t.to(dt) for t in (xq, xk, xv, lr))
+    tau = token_weights(p.token_offset.to(dt))
+    w = FastWeights.expand(p.init, xq.shape[0], dt)
+    return xq, xk, xv, lr, p.ln_weight.to(dt), p.ln_bias.to(dt), tau, w
+
+
 def ttt_mlp_reference(
-    xq: torch.Tensor,
-    xk: torch.Tensor,
-    xv: torch.Tensor,
-    lr: torch.Tensor,
-    token_offset: torch.Tensor,
-    init: tuple[torch.Tensor, ...],
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    chunk_size: int,
+    xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tensor, p: InnerParams, chunk_size: int
 ) -> tuple[torch.Tensor, FastWeights]:
     """Specification: token by token, inner gradients by autograd, every token's weights materialised.
 
-    ``xq, xk, xv [B, H, T, D]``, ``lr [B, H, T]`` (the rates ``r_t``), ``token_offset [C]`` (``tau'``),
-    ``init = (W1 [H,D,E], b1 [H,E], W2 [H,E,D], b2 [H,D])``, ``ln_weight, ln_bias [H, D]``.
+    ``xq, xk, xv [B, H, T, D]``, ``lr [B, H, T]`` (the rates ``r_t``), ``p`` the inner loop's learned
+    parameters (``p.token_offset`` is ``tau'``), ``chunk_size`` the mini-batch ``C``.
     Returns ``(out [B, H, T, D], the weights after the last token)``.
     """
-    _check(xq, xk, xv, lr, token_offset, chunk_size)
-    dt = _compute_dtype(xq, xk, xv, lr, *init)
-    xq, xk, xv, lr, token_offset = (t.to(dt) for t in (xq, xk, xv, lr, token_offset))
-    lw, lb = ln_weight.to(dt), ln_bias.to(dt)
-    B, H, T, D = xq.shape
-    tau = token_weights(token_offset)
-    w = FastWeights.expand(init, B, dt)
+    xq, xk, xv, lr, lw, lb, tau, w = _prepare(xq, xk, xv, lr, p, chunk_size)
+    T = xq.shape[2]
     outs = []
     for start in range(0, T, chunk_size):
         w0 = list(w.tuple())
@@ -271,25 +286,12 @@ def ttt_mlp_piece(
 
 
 def ttt_mlp_chunked(
-    xq: torch.Tensor,
-    xk: torch.Tensor,
-    xv: torch.Tensor,
-    lr: torch.Tensor,
-    token_offset: torch.Tensor,
-    init: tuple[torch.Tensor, ...],
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    chunk_size: int,
+    xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tensor, p: InnerParams, chunk_size: int
 ) -> tuple[torch.Tensor, FastWeights]:
     """Fast form of :func:`ttt_mlp_reference` (same arguments, same results): one dual-form
     :func:`ttt_mlp_piece` per chunk."""
-    _check(xq, xk, xv, lr, token_offset, chunk_size)
-    dt = _compute_dtype(xq, xk, xv, lr, *init)
-    xq, xk, xv, lr, token_offset = (t.to(dt) for t in (xq, xk, xv, lr, token_offset))
-    lw, lb = ln_weight.to(dt), ln_bias.to(dt)
-    B, H, T, D = xq.shape
-    tau = token_weights(token_offset)
-    w = FastWeights.expand(init, B, dt)
+    xq, xk, xv, lr, lw, lb, tau, w = _prepare(xq, xk, xv, lr, p, chunk_size)
+    T = xq.shape[2]
     outs = []
     for s in range(0, T, chunk_size):
         e = min(s + chunk_size, T)
