@@ -253,9 +253,28 @@ def recall_metrics(model, dataset, cfg: TrainConfig, dist_info: D.DistInfo) -> d
 
 
 def ttt_telemetry(base) -> dict[str, float]:
-    """Per TTT layer: In-Place TTT's ``||w_down - w_down_pretrained||`` (or TTT-MLP's gate) and the norm
-    of the last sequence's accumulated fast-weight update."""
+    """Per TTT layer: what its variant reports (``moshi_ttt.layer.TELEMETRY``, e.g. In-Place TTT's
+    ``||w_down - w_down_pretrained||``, the TTT term relative to the base term, one chunk's update
+    relative to ``||W^(0)||``)."""
     return {f"ttt/layer{i}/{k}": v for i, g in ttt_gatings(base).items() for k, v in g.telemetry().items()}
+
+
+# Console names of the telemetry a user reads to see whether TTT is off (~1e-6) or swamping (> 1).
+_CONSOLE_TTT = {"term_ratio": "ttt/base", "chunk_update_ratio": "dW/W0"}
+
+
+def ttt_console_line(values: dict[str, Any]) -> str | None:
+    """``ttt/base L1 3.1e-03 L3 8.0e-03 | dW/W0 L1 ...`` from the logged telemetry, or None."""
+    parts = []
+    for key, label in _CONSOLE_TTT.items():
+        cells = [
+            f"L{name.split('/')[1].removeprefix('layer')} {v:.1e}"
+            for name, v in values.items()
+            if name.startswith("ttt/layer") and name.endswith("/" + key)
+        ]
+        if cells:
+            parts.append(f"{label} " + " ".join(cells))
+    return " | ".join(parts) or None
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -435,6 +454,9 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
                 values["tokens_per_s"],
                 fmt_duration(per_step * (cfg.max_steps - step)),
             )
+            ttt_line = ttt_console_line(values)
+            if ttt_line:
+                logger.info("step %d | %s", step, ttt_line)
         is_last = step == cfg.max_steps
         if eval_set is not None and ((cfg.eval.interval and step % cfg.eval.interval == 0) or is_last):
             ev = evaluate(model, base, eval_set, cfg, dist_info)
