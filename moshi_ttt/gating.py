@@ -43,19 +43,23 @@ from .layer import ParamGroup, TTTLayer, TTTState, full_tensor
 from .ops.common import no_autocast
 from .ops.inplace import base_term, ttt_chunked
 
-
 # Floor of the zsq statistic: keeps an all-zero chunk (whose update is zero anyway) finite.
 _ZSQ_FLOOR = 1e-12
 
 
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """float32, or float64 when ``t`` is (the fast-weight ops' compute dtype)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def chunk_mean_sq(z: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """``[B, T]`` float32: at each step, the mean ``||z_t||^2`` of its chunk, on the chunk grid that
-    starts at ``z[:, 0]`` (a partial last chunk averages over its own steps). The statistic of
-    ``eta_norm: zsq``; training calls it on the whole sequence, streaming on a completed chunk's
-    ``[B, C, h]`` buffer, which reduces the same numbers in the same order."""
+    """``[B, T]``: at each step, the mean ``||z_t||^2`` of its chunk (float32, float64 for float64
+    ``z``), on the chunk grid that starts at ``z[:, 0]`` (a partial last chunk averages over its own
+    steps). The statistic of ``eta_norm: zsq``; training calls it on the whole sequence, streaming
+    on a completed chunk's ``[B, C, h]`` buffer, which reduces the same numbers in the same order."""
     B, T, _ = z.shape
     n = math.ceil(T / chunk_size)
-    sq = z.float().square().sum(-1)  # [B, T]
+    sq = _up(z).square().sum(-1)  # [B, T]
     if n * chunk_size != T:
         sq = F.pad(sq, (0, n * chunk_size - T))
     sums = sq.view(B, n, chunk_size).sum(-1)  # [B, n]
@@ -187,12 +191,12 @@ class TTTGating(TTTLayer[_TTTState]):
 
     def update_target(self, src: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The ``V`` the update ``eta * V[i]^T Z[i]`` uses, ``[B, T, d]``: :meth:`target`, divided by
-        its chunk's mean ``||z||^2`` (float32) under ``eta_norm: zsq``. ``z`` is ``[B, T, h]`` on the
+        its chunk's mean ``||z||^2`` under ``eta_norm: zsq`` (then in float32 or float64). ``z`` is ``[B, T, h]`` on the
         same chunk grid."""
         v = self.target(src)
         if self.config.eta_norm == "zsq":
             s = chunk_mean_sq(z, self.config.chunk_size).clamp_min(_ZSQ_FLOOR)  # [B, T]
-            v = v.float() / s.unsqueeze(-1)
+            v = v.to(s.dtype) / s.unsqueeze(-1)
         return v
 
     def _forward_sequence(self, x: torch.Tensor, src: torch.Tensor, update: bool) -> torch.Tensor:

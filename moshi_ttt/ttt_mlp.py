@@ -158,7 +158,9 @@ class TTTMLPGating(TTTLayer[_MLPState]):
         if self.record_stats:
             with torch.no_grad(), no_autocast(x.device):
                 init = FastWeights.expand(self._init(), x.shape[0])
-                upd = [(a - b.float()).flatten(1).norm(dim=1) ** 2 for a, b in zip(final.tuple(), init.tuple())]
+                upd = [
+                    (a - b.float()).flatten(1).norm(dim=1) ** 2 for a, b in zip(final.tuple(), init.tuple())
+                ]
                 # The TTT term: the branch with the updated fast weights minus the branch at W^(0).
                 b0 = self._merge(init.mlp(xq), x).float()
                 term = self._merge(o, x).float() - b0

@@ -1,6 +1,7 @@
 """Training: configs, exact resume, crash safety, distributed equivalence, moshi-loadable exports."""
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -116,7 +117,7 @@ def test_cli_reports_config_errors_and_saves_resolved_config(tmp_path):
 # ---------------------------------------------------------------- training and resume
 
 
-def test_loss_decreases_and_checkpoint_layout(tmp_path):
+def test_loss_decreases_and_checkpoint_layout(tmp_path, capsys):
     cfg = tiny_cfg(tmp_path / "run", max_steps=30, **{"optim.lr": 3e-3, "checkpoint.interval": 0})
     summary = train(cfg)
     ls = losses(tmp_path / "run")
@@ -139,6 +140,10 @@ def test_loss_decreases_and_checkpoint_layout(tmp_path):
     assert ev["text_ppl"] == pytest.approx(torch.tensor(nll[0]).exp().item(), rel=1e-6)  # exp, not 2**
     tr = [r for r in rec if r["kind"] == "train"][-1]
     assert tr["ttt/layer1/update_norm"] > 0 and tr["ttt/layer1/w_down_drift"] > 0
+    # The diagnostics a user reads to choose eta, per TTT layer, in metrics.jsonl and on the console.
+    assert 0 < tr["ttt/layer1/term_ratio"] < 10 and 0 < tr["ttt/layer1/chunk_update_ratio"] < 10
+    assert tr["ttt/layer1/z_sq_mean"] > 0
+    assert re.search(r"step 30 \| ttt/base L1 \d\.\de[-+]\d\d .*\| dW/W0 L1 ", capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
