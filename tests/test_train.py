@@ -1,8 +1,8 @@
 """Training: configs, exact resume, crash safety, distributed equivalence, moshi-loadable exports."""
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
