@@ -152,6 +152,19 @@ class TTTGating(TTTLayer[_TTTState]):
             if self.target_proj.device.type != "meta":
                 self.target_proj.copy_(torch.eye(self.dim, dtype=self.target_proj.dtype))
 
+    @torch.no_grad()
+    def probe_init(self) -> bool:
+        """At initialisation the conv is zero, so ``V = 0`` and no update does anything: set the conv
+        to the identity tap (step ``t`` reads its own source) so that ``V = X_src W_target^T``, which
+        is ``X_src`` while ``W_target`` is still the identity. A trained target path is left alone."""
+        if bool(self.target_conv.any()):
+            return False
+        if self.config.conv_depthwise:
+            self.target_conv[:, 0, 0] = 1.0
+        else:
+            self.target_conv[:, :, 0] = torch.eye(self.dim, dtype=self.target_conv.dtype)
+        return True
+
     def _map_vanilla_keys(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         """Let a vanilla Moshi (or LoRA-wrapped) state dict load: ``linear_out.weight`` -> ``w_down``."""
         for key in (prefix + "linear_out.weight", prefix + "linear_out.frozen_W.weight"):

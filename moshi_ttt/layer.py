@@ -195,6 +195,12 @@ class TTTLayer(StreamingModule[S]):
         self.last_stats = {}
         return out
 
+    def probe_init(self) -> bool:
+        """Give a layer whose TTT term is zero at initialisation by construction a fixed nonzero one,
+        so what its updates would do can be measured before any training (``scripts/probe_eta.py``).
+        Returns whether it changed the layer. The default changes nothing."""
+        return False
+
     # ---------------------------------------------------------------- forward
     def activations(self, x: torch.Tensor) -> torch.Tensor:
         """``Z = act(x W_gate^T) * (x W_up^T)``, ``[B, T, h]``, of the gated MLP the layer keeps
