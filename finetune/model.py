@@ -114,6 +114,8 @@ def _materialise(model: nn.Module, device: torch.device) -> None:
 
 def build_model(cfg: TrainConfig, device: torch.device) -> BuiltModel:
     raw_config, weights = resolve_base(cfg)
+    if cfg.model.context is not None:  # a shorter attention window for fine-tuning, kept in exports
+        raw_config = {**raw_config, "context": cfg.model.context}
     kwargs = lm_kwargs_of(raw_config)
     if cfg.model.source == "tiny":
         torch.manual_seed(cfg.seed)

@@ -277,6 +277,40 @@ def ttt_console_line(values: dict[str, Any]) -> str | None:
     return " | ".join(parts) or None
 
 
+def _report_windows(cfg: TrainConfig, base, train_set) -> None:
+    """How the training windows compare with the attention window (conversation datasets)."""
+    stats_of = getattr(train_set, "window_stats", None)
+    if stats_of is None:
+        return
+    context = base.transformer.layers[0].self_attn.context or cfg.data.num_frames
+    s = stats_of(context)
+    logger.info(
+        "data: %d windows of %d steps (%.0f s); %.0f%% of their frames are padding; %.0f%% hold more "
+        "than the attention window (%d steps)",
+        s["windows"],
+        cfg.data.num_frames,
+        cfg.data.duration_sec,
+        100 * s["padding"],
+        100 * s["beyond_context"],
+        context,
+    )
+    if s["padding"] > 0.25:
+        logger.warning(
+            "%.0f%% of the training frames are padding: the loss ignores them but every layer still "
+            "computes them. Conversations are shorter than data.duration_sec; shorten the windows, or "
+            "train on longer conversations (see the README's long-context recipes)",
+            100 * s["padding"],
+        )
+    if cfg.ttt.enabled and s["beyond_context"] < 0.5:
+        logger.warning(
+            "only %.0f%% of the windows hold more than the attention window (%d steps): elsewhere "
+            "attention already sees everything a TTT fast weight could carry; use longer windows "
+            "(data.duration_sec) and conversations, or a shorter model.context",
+            100 * s["beyond_context"],
+            context,
+        )
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Fine-tune per ``cfg``; returns a summary (final step, last losses, run directory)."""
     dist_info = D.init_distributed(cfg.device, cfg.distributed.backend)
@@ -324,6 +358,7 @@ def _train(cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, Any]:
     base.train()
     logger.info("trainable parameters (finetune=%s):\n%s", cfg.finetune, param_table(base))
     train_set, eval_set = build_datasets(cfg, base)
+    _report_windows(cfg, base, train_set)
     plan = BatchPlan(len(train_set), cfg.batch_size, dist_info.rank, dist_info.world_size, seed=cfg.seed)
     if eval_set is not None:  # a too-small held-out set fails now, not at the first evaluation
         eval_plan(len(eval_set), cfg.batch_size, dist_info.rank, dist_info.world_size)
