@@ -87,6 +87,8 @@ def test_every_shipped_config_validates(path):
         ({"model.source": "local"}, r"model.source local needs model.config_path"),
         ({"max_steps": 0}, r"max_steps: must be >= 1"),
         ({"optim.betas": [0.9]}, r"optim.betas"),
+        ({"model.context": 0}, r"model.context: must be >= 1"),
+        ({"ttt.eta_norm": "l2"}, r"TTTConfig.eta_norm"),
     ],
 )
 def test_bad_config_is_refused_with_the_key(tmp_path, over, match):

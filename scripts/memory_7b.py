@@ -1,0 +1,208 @@
+#!/usr/bin/env python
+"""GPU memory of the Moshi-7B recipes at batch 1 with gradient checkpointing.
+
+    python scripts/memory_7b.py                                    # the shipped 7B configs, estimated
+    python scripts/memory_7b.py configs/moshi7b_lora_ttt.yaml --window 3000 6000 9000
+    python scripts/memory_7b.py configs/moshi7b_lora_ttt.yaml --measure --steps 3   # on a GPU: measured
+
+Without ``--measure`` nothing is allocated: the recipe's model (Moshi-7B's architecture, moshi's
+own ``_lm_kwargs``, with the config's TTT layers, LoRA and ``model.context``) is built on the meta
+device through the trainer's ``build_model``, which gives exact parameter counts per group, and the
+activations are estimated from the architecture's shapes (bf16 compute, every transformer layer
+checkpointed; breakdown printed). FSDP configs are sharded over ``--gpus``. The estimate leaves out
+the CUDA allocator's fragmentation and library workspaces: measure before a long run.
+
+``--measure`` (one CUDA GPU) builds the same model with random weights in bf16 (trainable weights
+fp32, as the trainer does) and times forward + backward + AdamW steps of one random window at
+batch 1 under bf16 autocast, reporting peak allocated memory and step time. FSDP recipes are
+measured without sharding (what one GPU would hold; their estimate shows the sharded figure).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from moshi.models.loaders import _lm_kwargs  # noqa: E402
+
+from finetune.args import TrainConfig, load_config  # noqa: E402
+from finetune.model import build_model  # noqa: E402
+from moshi_ttt import named_ttt_layers  # noqa: E402
+from moshi_ttt.ops import choose_form  # noqa: E402
+
+GB = 1e9
+RECIPES = [
+    "configs/moshi7b_lora_ttt.yaml",
+    "configs/moshi7b_lora_ttt_ctx.yaml",
+    "configs/moshi7b_full_ttt.yaml",
+]
+
+
+@dataclass
+class Estimate:
+    name: str
+    window: int
+    context: int
+    parts: dict[str, float]  # bytes per GPU
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+
+def meta_model(cfg: TrainConfig, device: str = "meta") -> torch.nn.Module:
+    """The recipe's model with Moshi-7B's architecture, on ``device`` (meta: shapes only)."""
+    return build_model(cfg, torch.device(device), base=(dict(_lm_kwargs), None)).model
+
+
+def estimate(
+    cfg: TrainConfig, window: int, gpus: int, name: str, lm: torch.nn.Module | None = None
+) -> Estimate:
+    """Bytes per GPU at batch 1 for a ``window``-step window; ``lm``: ``meta_model(cfg)`` if built."""
+    lm = lm if lm is not None else meta_model(cfg)
+    k = _lm_kwargs
+    d, L, V, card = k["dim"], k["num_layers"], k["text_card"], k["card"]
+    h = int(2 * k["hidden_scale"] * d / 3)  # moshi's gated MLP width (11264 for d = 4096)
+    dd, dq, dL = k["depformer_dim"], k["dep_q"], k["depformer_num_layers"]
+    context = lm.transformer.layers[0].self_attn.context
+    T = window
+    trainable = sum(p.numel() for p in lm.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in lm.parameters() if not p.requires_grad)
+    buffers = sum(b.numel() * b.element_size() for b in lm.buffers())
+    ttt = dict(named_ttt_layers(lm))
+    fsdp = cfg.distributed.strategy == "fsdp"
+    shard = gpus if fsdp else 1
+    parts: dict[str, float] = {}
+    # Weights and optimizer: trainable weights fp32 + grad fp32 + AdamW's two fp32 moments; frozen bf16.
+    parts["frozen weights (bf16)"] = 2 * frozen / shard
+    parts["trainable weights + grads + AdamW (16 B each)"] = 16 * trainable / shard
+    parts["buffers (TTT w_down_pretrained fp32, ...)"] = buffers  # FSDP2 shards parameters only
+    if fsdp:  # one layer gathered in bf16 for compute, the next prefetched
+        per_layer = sum(p.numel() for p in lm.transformer.layers[0].parameters())
+        parts["FSDP: two gathered layers (bf16)"] = 2 * 2 * per_layer
+    # Saved for backward across the whole step (bf16 residual stream under autocast / FSDP bf16).
+    parts["checkpointed inputs of the main layers"] = L * T * d * 2
+    parts["TTT source (text embedding) + final norm"] = 2 * T * d * 2 + T * d * 4
+    parts["depformer: checkpointed inputs"] = dL * T * dq * dd * 2 + T * dq * dd * 2
+    # The largest transient: the heads' logits and their gradients (bf16, fp32 copy for the CE, fp32
+    # grad), or one main layer's recompute + backward; whichever is larger.
+    heads = T * V * (2 + 4 + 4) + T * dq * card * (2 + 4 + 4)
+    attn = (
+        T * d * 4 + T * d * 2 + 3 * T * d * 2 + 2 * T * d * 2 + T * d * 2 + T * T * 1
+    )  # norm, qkv, rope, out, mask
+    attn_mask_build = T * T * 8  # moshi builds the window mask from an int64 [T, T] difference
+    mlp = T * d * 6 + T * 2 * h * 2 + 3 * T * h * 2 + T * d * 2
+    ttt_extra = 0.0
+    if ttt:
+        form = choose_form(T, d, h) if cfg.ttt.fast_form == "auto" else cfg.ttt.fast_form
+        scores = (T * T / 2) * 4 if form == "dual" else 2 * d * h * 4  # dual: score tiles; scan: 2 states
+        ttt_extra = (
+            T * h * 4 + T * d * 4 + 3 * T * d * 2 + scores + T * h * 4 + 2 * T * d * 4
+        )  # z, V, conv, bwd
+    layer = 2 * (attn + mlp + ttt_extra) + attn_mask_build  # backward holds about as much again
+    parts["largest transient: " + ("heads' logits" if heads > layer else "one layer's recompute")] = max(
+        heads, layer
+    )
+    return Estimate(name, T, context, parts)
+
+
+def print_estimate(e: Estimate) -> None:
+    print(
+        f"{e.name}: window {e.window} steps ({e.window / 12.5:.0f} s), attention context {e.context}: "
+        f"{e.total / GB:.1f} GB per GPU (estimate)"
+    )
+    for k, v in e.parts.items():
+        print(f"    {k:<52s} {v / GB:7.2f} GB")
+
+
+def measure(cfg: TrainConfig, window: int, steps: int) -> tuple[float, float]:
+    """(peak GB, median step seconds) of AdamW steps at batch 1 on CUDA, random Moshi-7B weights."""
+    from finetune.loss import compute_loss, target_weights
+
+    dev = torch.device("cuda")
+    torch.cuda.reset_peak_memory_stats()
+    lm = meta_model(cfg, "cuda")
+    lm.to_empty(device=dev)
+    with torch.no_grad():
+        for n, p in lm.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.02)
+            else:
+                p.fill_(1.0)
+            if n.endswith("lora_B.weight"):
+                p.zero_()
+        for _, g in named_ttt_layers(lm):
+            g.init_new_parameters()
+            if hasattr(g, "w_down_pretrained"):
+                g.w_down_pretrained.copy_(g.w_down.float())
+        for p in lm.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+            elif p.is_floating_point():
+                p.data = p.data.to(torch.bfloat16)
+    params = [p for p in lm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    text = torch.randint(0, lm.text_card, (1, 1, window), generator=g)
+    audio = torch.randint(0, lm.card, (1, lm.n_q, window), generator=g)
+    codes = torch.cat([text, audio], 1).to(dev)
+    weights = target_weights(codes, list(lm.delays), lm.dep_q, zero_token_id=lm.zero_token_id)
+    times = []
+    lm.train()
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.time()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = lm(codes)
+            loss = compute_loss(out, codes, weights).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.time() - t0)
+    times = sorted(times[1:] or times)
+    return torch.cuda.max_memory_allocated() / GB, times[len(times) // 2]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("configs", nargs="*", default=RECIPES)
+    p.add_argument("--window", type=int, nargs="+", help="window lengths in steps (default: the config's)")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs an FSDP recipe is sharded over")
+    p.add_argument("--measure", action="store_true", help="allocate on the GPU and measure (needs CUDA)")
+    p.add_argument("--steps", type=int, default=3)
+    args = p.parse_args()
+    if args.measure and not torch.cuda.is_available():
+        print("error: --measure needs a CUDA GPU", file=sys.stderr)
+        return 2
+    for path in args.configs:
+        cfg = load_config(
+            ROOT / path if not Path(path).is_file() else path, {"model.gradient_checkpointing": True}
+        )
+        lm = meta_model(cfg)
+        for T in args.window or [cfg.data.num_frames]:
+            name = Path(path).stem
+            est = estimate(cfg, T, args.gpus, name, lm)
+            print_estimate(est)
+            if args.measure:
+                peak, step = measure(cfg, T, args.steps)
+                print(f"    measured: peak {peak:.1f} GB allocated, {step:.2f} s per step (B=1, one GPU)")
+                torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
