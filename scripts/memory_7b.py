@@ -63,9 +63,10 @@ class Estimate:
         return sum(self.parts.values())
 
 
-def meta_model(cfg: TrainConfig, device: str = "meta") -> torch.nn.Module:
-    """The recipe's model with Moshi-7B's architecture, on ``device`` (meta: shapes only)."""
-    return build_model(cfg, torch.device(device), base=(dict(_lm_kwargs), None)).model
+def meta_model(cfg: TrainConfig, device: str = "meta", arch: dict | None = None) -> torch.nn.Module:
+    """The recipe's model with Moshi-7B's architecture (or ``arch``), built on the meta device with
+    the dtypes training would use on ``device``: shapes only."""
+    return build_model(cfg, torch.device(device), base=(dict(arch or _lm_kwargs), None)).model
 
 
 def estimate(
@@ -128,34 +129,35 @@ def print_estimate(e: Estimate) -> None:
         print(f"    {k:<52s} {v / GB:7.2f} GB")
 
 
-def measure(cfg: TrainConfig, window: int, steps: int) -> tuple[float, float]:
-    """(peak GB, median step seconds) of AdamW steps at batch 1 on CUDA, random Moshi-7B weights."""
+def measure(
+    cfg: TrainConfig, window: int, steps: int, device: str = "cuda", arch: dict | None = None
+) -> tuple[float, float]:
+    """(peak GB allocated, median step seconds) of AdamW steps on one random window at batch 1 under
+    bf16 autocast, random weights (frozen bf16, trainable fp32 as the trainer has them). The peak is
+    NaN off CUDA (``device="cpu"`` with a small ``arch`` only checks that it runs)."""
     from finetune.loss import compute_loss, target_weights
 
-    dev = torch.device("cuda")
-    torch.cuda.reset_peak_memory_stats()
-    lm = meta_model(cfg, "cuda")
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    lm = meta_model(cfg, device, arch)
     lm.to_empty(device=dev)
     with torch.no_grad():
         for n, p in lm.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.02)
-            else:
+            if "norm" in n or p.dim() < 2:
                 p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02)
             if n.endswith("lora_B.weight"):
                 p.zero_()
         for _, g in named_ttt_layers(lm):
             g.init_new_parameters()
             if hasattr(g, "w_down_pretrained"):
                 g.w_down_pretrained.copy_(g.w_down.float())
-        for p in lm.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-            elif p.is_floating_point():
-                p.data = p.data.to(torch.bfloat16)
     params = [p for p in lm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    g = torch.Generator(device="cpu").manual_seed(0)
+    g = torch.Generator().manual_seed(0)
     text = torch.randint(0, lm.text_card, (1, 1, window), generator=g)
     audio = torch.randint(0, lm.card, (1, lm.n_q, window), generator=g)
     codes = torch.cat([text, audio], 1).to(dev)
@@ -163,18 +165,21 @@ def measure(cfg: TrainConfig, window: int, steps: int) -> tuple[float, float]:
     times = []
     lm.train()
     for _ in range(steps):
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.time()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
             out = lm(codes)
             loss = compute_loss(out, codes, weights).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.time() - t0)
     times = sorted(times[1:] or times)
-    return torch.cuda.max_memory_allocated() / GB, times[len(times) // 2]
+    peak = torch.cuda.max_memory_allocated() / GB if cuda else float("nan")
+    return peak, times[len(times) // 2]
 
 
 def main() -> int:
