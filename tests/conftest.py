@@ -75,3 +75,10 @@ def tiny_ds(tmp_path_factory):
         capture_output=True,
     )
     return out / "ds"
+
+
+def manifest_data(ds: Path, **extra) -> dict:
+    """The ``data`` section of a training config reading the ``tiny_ds`` dataset."""
+    files = {"train": "train.jsonl", "eval": "eval.jsonl", "tokenizer": "tokenizer.model"}
+    files |= {"mimi_weights": "mimi.safetensors", "mimi_config": "mimi_config.json"}
+    return {"source": "manifest", **{k: str(ds / v) for k, v in files.items()}, **extra}

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import manifest_data
 
 from finetune.inference import load_checkpoint_model, read_user_audio, stream_conversations
 from finetune.schema import apply_overrides
@@ -37,15 +38,7 @@ def tiny_ckpt(tiny_ds, tmp_path_factory):
         },
         "ttt": {"layers": [1], "chunk_size": 8, "eta": 0.5},
         "optim": {"lr": 3e-3, "ttt_lr": 3e-2},
-        "data": {
-            "source": "manifest",
-            "train": str(tiny_ds / "train.jsonl"),
-            "eval": str(tiny_ds / "eval.jsonl"),
-            "tokenizer": str(tiny_ds / "tokenizer.model"),
-            "mimi_weights": str(tiny_ds / "mimi.safetensors"),
-            "mimi_config": str(tiny_ds / "mimi_config.json"),
-            "duration_sec": 4.0,
-        },
+        "data": manifest_data(tiny_ds, duration_sec=4.0),
     }
     train(load_config(None, apply_overrides(base, {})))
     return run

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import manifest_data
 
 from finetune.data.recall import DEF, FIRST_KEY, QRY, RecallTask
 from finetune.sweep import Sweep, last_metrics
@@ -306,15 +307,7 @@ def test_windows_longer_than_the_context_and_conversations_shorter_than_the_wind
             "context": 8,
         },
         "ttt": {"layers": [1], "chunk_size": 16, "eta": 0.5},
-        "data": {
-            "source": "manifest",
-            "train": str(tiny_ds / "train.jsonl"),
-            "eval": str(tiny_ds / "eval.jsonl"),
-            "tokenizer": str(tiny_ds / "tokenizer.model"),
-            "mimi_weights": str(tiny_ds / "mimi.safetensors"),
-            "mimi_config": str(tiny_ds / "mimi_config.json"),
-            "duration_sec": 10.0,
-        },
+        "data": manifest_data(tiny_ds, duration_sec=10.0),
         "eval": {"num_batches": 1},
     }
     train(load_config(None, apply_overrides(cfg, {})))
