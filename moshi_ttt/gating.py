@@ -227,8 +227,9 @@ class TTTGating(TTTLayer[_TTTState]):
             form=self.config.fast_form,
             return_final=False,
         )
-        if self.record_stats:
+        if self.record_stats:  # once: a gradient-checkpointing recompute does not pay for it again
             self.last_stats = self.sequence_stats(z, v)
+            self.record_stats = False
         return out
 
     @torch.no_grad()

@@ -110,7 +110,8 @@ class TTTLayer(StreamingModule[S]):
         self.updates_enabled = True
         self.graph_mode = False  # streaming: the capturable one-step path, set by TTTLMGen per step
         # Training telemetry: with record_stats set, the next sequence forward keeps its statistics
-        # (TELEMETRY keys, 0-dim tensors) in last_stats until telemetry() reads them.
+        # (TELEMETRY keys, 0-dim tensors) in last_stats until telemetry() reads them, and clears
+        # record_stats (a gradient-checkpointing recompute of that forward records nothing).
         self.record_stats = False
         self.last_stats: dict[str, torch.Tensor] = {}
 

@@ -168,6 +168,7 @@ class TTTMLPGating(TTTLayer[_MLPState]):
                     "update_norm": torch.stack(upd).sum(0).sqrt().mean(),
                     "term_ratio": term.norm() / (base.float() + b0).norm().clamp_min(1e-30),
                 }
+            self.record_stats = False  # once per request (not again in a checkpointing recompute)
         return base + self._merge(o, x)
 
     # ---------------------------------------------------------------- streaming

@@ -257,3 +257,23 @@ def test_console_line_lists_each_layer():
     }
     assert ttt_console_line(values) == "ttt/base L1 3.1e-03 L12 2.0e+00 | dW/W0 L1 1.0e-06 L12 5.0e-05"
     assert ttt_console_line({"loss": 1.0}) is None
+
+
+def test_stats_are_recorded_once_under_gradient_checkpointing(monkeypatch):
+    from moshi_ttt.gating import TTTGating
+
+    calls = []
+    original = TTTGating.sequence_stats
+    monkeypatch.setattr(
+        TTTGating, "sequence_stats", lambda self, z, v: calls.append(1) or original(self, z, v)
+    )
+    model = _model("zsq")
+    model.transformer.checkpointing = True
+    model.train()
+    gatings = list(ttt_gatings(model).values())
+    for g in gatings:
+        g.record_stats = True
+    out = model(random_codes(model, 2, 3 * C))
+    out.text_logits[out.text_mask].sum().backward()  # recomputes every layer's forward
+    assert len(calls) == len(gatings) and not any(g.record_stats for g in gatings)
+    assert all(g.telemetry()["term_ratio"] > 0 for g in gatings)
