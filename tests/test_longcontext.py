@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -325,3 +326,31 @@ def test_windows_longer_than_the_context_and_conversations_shorter_than_the_wind
         assert all(v is not None and v > 0 for a, v in zip(edges, loss) if 8 <= a < 80)
         # ... and the padded tail (7 s = 87.5 steps of conversation) is not.
         assert all(v is None for a, v in zip(edges, loss) if a >= 88)
+
+
+def test_eta_grid_finds_the_best_eta_per_cell_and_its_normalised_value(tmp_path):
+    # Fake finished runs: far NLL with a minimum at raw eta 1 (dim 64) and 0.1 (dim 128), whose
+    # TTT layers logged mean ||z||^2 of 100 and 1000: both optima sit at normalised eta 100.
+    sweep = tmp_path / "sweep"
+    for dim, best, zsq in ((64, 1.0, 100.0), (128, 0.1, 1000.0)):
+        for eta in (0.01, 0.1, 1.0, 10.0):
+            run = sweep / f"dim={dim},eta={eta}"
+            run.mkdir(parents=True)
+            cfg = {
+                "max_steps": 4,
+                "seed": 0,
+                "model": {"tiny": {"dim": dim}},
+                "ttt": {"chunk_size": 8, "eta": eta},
+            }
+            (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+            nll = 1.0 + abs(np.log10(eta / best))
+            recs = [{"kind": "train", "step": s, "ttt/layer1/z_sq_mean": zsq} for s in (1, 3, 4)]
+            recs.append({"kind": "eval", "step": 4, "recall_nll_far": nll, "recall_acc_far": 1 / nll})
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (sweep / "unfinished").mkdir()
+    out = subprocess.run(
+        [sys.executable, "scripts/eta_grid.py", str(sweep)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "| 64 | 8 | 1 | 100 | 100 |" in out.stdout and "| 128 | 8 | 0.1 | 1e+03 | 100 |" in out.stdout
+    assert (sweep / "eta_grid.png").read_bytes()[:4] == b"\x89PNG"
