@@ -20,7 +20,7 @@ data/tiny/train.jsonl: | $(STAMP)
 	$(BIN)/python scripts/make_tiny_dataset.py data/tiny --force
 
 tiny: $(STAMP) data/tiny/train.jsonl
-	$(BIN)/python scripts/encode_codes.py --config configs/tiny.yaml
+	$(BIN)/python scripts/encode_codes.py configs/tiny.yaml
 	$(BIN)/python train.py configs/tiny.yaml
 
 test: $(STAMP)

@@ -6,8 +6,10 @@
     python train.py configs/tiny.yaml --optim.lr=3e-4 --ttt.chunk_size=16 --run_dir=runs/try
 
 Overrides are ``--section.key=value`` (YAML syntax for the value: ``--ttt.layers=[0,2]``,
-``--lora.enable=true``). An interrupted run continues from its newest complete checkpoint when
-launched again with the same run_dir (``resume: auto``).
+``--model.gradient_checkpointing=true``); anything else on the command line is refused before any
+work. An interrupted run continues from its newest complete checkpoint when launched again with the
+same run_dir (``resume: auto``). Exit status: 0 done, 2 configuration refused (one ``config error:``
+line), 1 the run diverged (non-finite steps; checkpoints intact) or failed.
 """
 
 import os
@@ -18,23 +20,22 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("NO_TORCH_COMPILE", "1")  # before moshi is imported
 
-import fire  # noqa: E402
-
 from finetune.args import load_config  # noqa: E402
-from finetune.schema import ConfigError  # noqa: E402
+from finetune.cli import parse_cli, run_main  # noqa: E402
 
 
-def main(config: str | None = None, **overrides) -> None:
-    """CONFIG is a YAML file; every other flag is a dotted override of it."""
+def main(argv: list[str]) -> int:
+    config, overrides = parse_cli(argv)
+    cfg = load_config(config, overrides)
+    from finetune.trainer import Diverged, train
+
     try:
-        cfg = load_config(config, overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
-    from finetune.trainer import train
-
-    train(cfg)
+        train(cfg)
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_main(main, __doc__)

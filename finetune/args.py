@@ -2,12 +2,15 @@
 
 Load with :func:`load_config` (YAML path + dotted overrides). Every section rejects unknown keys
 and wrong types with a message naming the key; :meth:`TrainConfig.check` rejects impossible
-combinations before any work starts.
+combinations before any work starts. A key marked ``metadata=FIXED_ON_RESUME`` where it is declared
+(here, or in :class:`moshi_ttt.TTTConfig`) may not change when a run resumes
+(:func:`check_resume_compatible`); a renamed key (:data:`RENAMED_KEYS`) is still read, with a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +19,25 @@ import yaml
 
 from moshi_ttt import TTTConfig
 
-from .schema import ConfigError, apply_overrides, from_dict, to_dict
+from .data.audio import FRAME_RATE
+from .schema import (
+    FIXED_ON_RESUME,
+    ConfigError,
+    apply_overrides,
+    fixed_on_resume_keys,
+    flatten,
+    from_dict,
+    get_dotted,
+    to_dict,
+)
+
+logger = logging.getLogger("finetune")
+
+# Old name -> new name. Old run configs (a checkpoint's config.yaml) and command lines still load.
+RENAMED_KEYS = {
+    # The optimizer's rate for the TTT parameters; in the paper's code ``ttt_lr`` is the inner rate (eta).
+    "optim.ttt_lr": "optim.ttt_params_lr",
+}
 
 
 @dataclass
@@ -31,12 +52,22 @@ class ModelArgs:
     must carry what attention no longer sees; the moshi export's config.json keeps it.
     """
 
-    source: Literal["tiny", "hf", "local"] = "tiny"
-    hf_repo: str = "kyutai/moshiko-pytorch-bf16"
-    moshi_weights: str | None = None
-    config_path: str | None = None
-    tiny: dict[str, Any] = field(default_factory=dict)
-    gradient_checkpointing: bool = False
+    # The base model: fixed on resume (the trained weights belong to it).
+    source: Literal["tiny", "hf", "local"] = field(default="tiny", metadata=FIXED_ON_RESUME)
+    hf_repo: str = field(default="kyutai/moshiko-pytorch-bf16", metadata=FIXED_ON_RESUME)
+    moshi_weights: str | None = field(default=None, metadata=FIXED_ON_RESUME)
+    config_path: str | None = field(default=None, metadata=FIXED_ON_RESUME)
+    tiny: dict[str, Any] = field(default_factory=dict, metadata=FIXED_ON_RESUME)
+    gradient_checkpointing: bool = False  # memory only: may change on resume
+    # Start from a fine-tuned checkpoint in moshi's layout: moshi-finetune's
+    # checkpoints/checkpoint_NNNNNN/consolidated/ (its lora.safetensors is merged into the base above;
+    # a consolidated.safetensors replaces it, architecture from its config.json) or this project's
+    # moshi/ export. TTT layers then take w_down from the fine-tuned linear_out.
+    init_from: str | None = field(default=None, metadata=FIXED_ON_RESUME)
+    # A moshi_weights file that is not safetensors (moshi's .pt) is read with pickle, which can run code
+    # stored in the file: refused unless this is true (only for files you trust).
+    allow_pickle: bool = False
+    # Attention window (steps) for fine-tuning, replacing the checkpoint's; may change on resume.
     context: int | None = None
 
 
@@ -44,12 +75,12 @@ class ModelArgs:
 class TTTArgs(TTTConfig):
     """The core's :class:`TTTConfig`, plus what training does with the TTT parameters."""
 
-    enabled: bool = True
+    enabled: bool = field(default=True, metadata=FIXED_ON_RESUME)
     # The TTT layers' W_gate / W_up do not train. null: true for finetune=ttt_only, false otherwise.
-    freeze_slow_weights: bool | None = None
+    freeze_slow_weights: bool | None = field(default=None, metadata=FIXED_ON_RESUME)
     # Whether the TTT weights taken from the base checkpoint train (In-Place's w_down, the fast weight's
     # initial state W^(0); moshi_ttt.ParamGroup.pretrained).
-    train_w_down: bool = True
+    train_w_down: bool = field(default=True, metadata=FIXED_ON_RESUME)
 
     def to_ttt_config(self) -> TTTConfig:
         names = {f.name for f in dataclasses.fields(TTTConfig)}
@@ -58,10 +89,13 @@ class TTTArgs(TTTConfig):
 
 @dataclass
 class LoraArgs:
-    """moshi's LoRA on every Linear (``lora_B`` zero-initialised, so the start is the base model)."""
+    """moshi's LoRA on every Linear (``lora_B`` zero-initialised, so the start is the base model).
+    Every key is fixed on resume: adapter shapes, their scale, the trained parameter set."""
 
-    rank: int = 64
-    scaling: float = 2.0
+    rank: int = field(default=64, metadata=FIXED_ON_RESUME)
+    scaling: float = field(default=2.0, metadata=FIXED_ON_RESUME)
+    # Also train the embedding tables in full (moshi-finetune's lora.ft_embed); exports then carry them.
+    train_embeddings: bool = field(default=False, metadata=FIXED_ON_RESUME)
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -70,33 +104,46 @@ class LoraArgs:
 
 @dataclass
 class OptimArgs:
-    """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``."""
+    """AdamW; ``schedule: cosine`` is linear warmup then cosine decay to ``min_lr_ratio * lr``,
+    ``onecycle`` is moshi-finetune's schedule (torch's ``OneCycleLR``): cosine rise from ``lr / 25``
+    to ``lr`` over the first ``pct_start`` of the steps, cosine decay to ``lr / 25 / 1e4``, and Adam's
+    beta1 cycled 0.95 -> 0.85 -> 0.95 against it (``betas[0]`` is then unused)."""
 
     lr: float = 1e-4
-    ttt_lr: float | None = None  # lr of the TTT parameters (w_down, target path); null: lr
+    # The optimizer's lr for the TTT parameters (w_down, target path; not the inner rate ttt.eta);
+    # null: lr. Was optim.ttt_lr.
+    ttt_params_lr: float | None = None
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
+    schedule: Literal["cosine", "onecycle"] = "cosine"
+    warmup_steps: int = 10  # cosine
+    min_lr_ratio: float = 0.1  # cosine
+    pct_start: float = 0.05  # onecycle
     max_grad_norm: float = 1.0  # global norm over all ranks; <= 0 disables clipping
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or (self.ttt_lr is not None and self.ttt_lr <= 0):
-            raise ConfigError("optim.lr / optim.ttt_lr: must be > 0")
+        if self.lr <= 0 or (self.ttt_params_lr is not None and self.ttt_params_lr <= 0):
+            raise ConfigError("optim.lr / optim.ttt_params_lr: must be > 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas: expected two numbers in [0, 1) (got {self.betas})")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps: must be >= 0 (got {self.warmup_steps})")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1] (got {self.min_lr_ratio})")
+        if not 0 < self.pct_start < 1:
+            raise ConfigError(f"optim.pct_start: must be in (0, 1) (got {self.pct_start})")
+
+    def group_lr(self, ttt: bool) -> float:
+        """The peak lr of an optimizer group of TTT parameters (``ttt``) or of the others."""
+        return self.ttt_params_lr if (ttt and self.ttt_params_lr is not None) else self.lr
 
 
 @dataclass
 class SyntheticDataArgs:
     """Generated token sequences with learnable structure (no audio needed)."""
 
-    num_train: int = 256
+    num_train: int = field(default=256, metadata=FIXED_ON_RESUME)  # the set's size: the data order
     num_eval: int = 32
 
 
@@ -104,11 +151,12 @@ class SyntheticDataArgs:
 class RecallDataArgs:
     """The beyond-the-window recall task (``finetune.data.recall``): sequences of ``duration_sec``."""
 
-    num_train: int = 2048
+    # Fixed on resume: the training sequences (num_eval only sizes the held-out set).
+    num_train: int = field(default=2048, metadata=FIXED_ON_RESUME)
     num_eval: int = 64
-    pairs: int = 4
-    num_keys: int = 16
-    num_values: int = 16
+    pairs: int = field(default=4, metadata=FIXED_ON_RESUME)
+    num_keys: int = field(default=16, metadata=FIXED_ON_RESUME)
+    num_values: int = field(default=16, metadata=FIXED_ON_RESUME)
 
 
 @dataclass
@@ -118,16 +166,26 @@ class DataArgs:
     For manifests, ``tokenizer`` / ``mimi_weights`` default to the checkpoint's own files with
     ``model.source: hf``. ``cache_dir`` holds Mimi codes encoded once (``scripts/encode_codes.py``);
     without it every window is encoded when it is read.
+
+    Fixed on resume: what the training windows are and their order (the saved data position counts
+    batches of them). The paths of the tokenizer, Mimi and the cache may change (a run moved to
+    another machine), as may the eval set.
     """
 
-    source: Literal["synthetic", "manifest", "recall"] = "synthetic"
-    train: str | None = None  # manifest path
+    source: Literal["synthetic", "manifest", "recall"] = field(default="synthetic", metadata=FIXED_ON_RESUME)
+    train: str | None = field(default=None, metadata=FIXED_ON_RESUME)  # manifest path
     eval: str | None = None  # manifest path; null: no evaluation data
     tokenizer: str | None = None  # sentencepiece model
     mimi_weights: str | None = None  # safetensors
     mimi_config: str | None = None  # JSON, for a non-default Mimi (e.g. the tiny one)
     cache_dir: str | None = None
-    duration_sec: float = 8.0  # window length; 12.5 frames per second
+    duration_sec: float = field(default=8.0, metadata=FIXED_ON_RESUME)  # window length (FRAME_RATE: 12.5 Hz)
+    # When a word starts while the previous word's tokens are still being written: drop their rest
+    # (moshi-finetune's rule, the grids Kyutai fine-tuned with) or delay the new word until they are
+    # written (moshi-finetune's keep_and_shift). See finetune/data/interleave.py.
+    text_overlap: Literal["drop", "delay"] = field(default="drop", metadata=FIXED_ON_RESUME)
+    # A new random order of the windows every epoch; false: manifest order.
+    shuffle: bool = field(default=True, metadata=FIXED_ON_RESUME)
     num_workers: int = 0
     synthetic: SyntheticDataArgs = field(default_factory=SyntheticDataArgs)
     recall: RecallDataArgs = field(default_factory=RecallDataArgs)
@@ -140,7 +198,7 @@ class DataArgs:
 
     @property
     def num_frames(self) -> int:
-        return int(round(self.duration_sec * 12.5))
+        return int(round(self.duration_sec * FRAME_RATE))
 
 
 @dataclass
@@ -149,7 +207,9 @@ class LossArgs:
 
     text_weight: float = 1.0
     audio_weight: float = 1.0
-    first_codebook_weight: float = 1.0  # multiplier of the semantic codebook's CE (moshi-finetune: 100)
+    # Multiplier of the semantic (first) codebook's CE: 100 as in moshi-finetune's example config,
+    # the setting Kyutai recommends for fine-tuning Moshi (moshi-finetune's code default is 1).
+    first_codebook_weight: float = 100.0
     text_padding_weight: float = 0.5  # weight of PAD / end-of-padding text targets
 
 
@@ -168,7 +228,8 @@ class CheckpointArgs:
 
 @dataclass
 class WandbArgs:
-    """Weights & Biases tracking; the API key comes only from the environment (WANDB_API_KEY)."""
+    """Weights & Biases tracking. No key here: wandb itself reads it from WANDB_API_KEY, else the netrc
+    file ($NETRC, else ~/.netrc, where ``wandb login`` writes it)."""
 
     project: str | None = None  # null: no wandb
     entity: str | None = None
@@ -179,7 +240,8 @@ class WandbArgs:
 
 @dataclass
 class DistributedArgs:
-    strategy: Literal["ddp", "fsdp"] = "ddp"  # used when launched with more than one process
+    # Used when launched with more than one process. Fixed on resume: FSDP checkpoints hold dcp shards.
+    strategy: Literal["ddp", "fsdp"] = field(default="ddp", metadata=FIXED_ON_RESUME)
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPU, gloo on CPU
 
 
@@ -187,14 +249,16 @@ class DistributedArgs:
 class TrainConfig:
     run_dir: str = "runs/default"
     resume: str = "auto"  # auto: newest complete checkpoint in run_dir if any; never; or a checkpoint path
-    seed: int = 0
+    seed: int = field(default=0, metadata=FIXED_ON_RESUME)  # the data order (and a tiny model's init)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    # auto: bf16 autocast on GPU, fp32 on CPU. bf16 on CPU runs CPU autocast (slow; for precision
+    # experiments such as bf16 update math on the recall task).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     # TF32 for float32 matmuls on GPU: the TTT update math (float32 by design) runs ~1.7x faster on
     # an H100 with 10-bit-mantissa inputs and float32 accumulation (scripts/bench_ttt.py --tf32).
     tf32: bool = False
-    finetune: Literal["lora", "full", "ttt_only"] = "lora"
-    batch_size: int = 1  # per process
+    finetune: Literal["lora", "full", "ttt_only"] = field(default="lora", metadata=FIXED_ON_RESUME)
+    batch_size: int = field(default=1, metadata=FIXED_ON_RESUME)  # per process; the saved data position
     grad_accum: int = 1
     max_steps: int = 100
     log_interval: int = 10
@@ -232,7 +296,17 @@ class TrainConfig:
             raise ConfigError(
                 "data.train: the path of a .jsonl manifest is required when data.source is manifest"
             )
-        if self.model.source == "local" and not (self.model.config_path and self.model.moshi_weights):
+        if self.model.init_from and self.model.source == "tiny":
+            raise ConfigError(
+                "model.init_from: set model.source to hf or local, the base model the checkpoint was fine-tuned from"
+            )
+        if self.model.init_from and not Path(self.model.init_from).expanduser().exists():
+            raise ConfigError(f"model.init_from: {self.model.init_from} does not exist")
+        if (
+            self.model.source == "local"
+            and not self.model.init_from
+            and not (self.model.config_path and self.model.moshi_weights)
+        ):
             raise ConfigError(
                 "model.source local needs model.config_path (config.json) and model.moshi_weights"
             )
@@ -249,8 +323,6 @@ class TrainConfig:
                 self.ttt.resolve_layers(tiny_lm_kwargs(**self.model.tiny)["num_layers"])
             except ValueError as e:
                 raise ConfigError(f"ttt: {e}") from e
-        if self.precision == "bf16" and self.device == "cpu":
-            raise ConfigError("precision: bf16 runs on GPU; on CPU use fp32 (or auto)")
         if self.resume not in ("auto", "never") and not Path(self.resume).exists():
             raise ConfigError(
                 f"resume: {self.resume!r} is neither auto, never, nor an existing checkpoint directory"
@@ -270,6 +342,12 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    from .mf_compat import refuse_moshi_finetune_keys
+
+    data = upgrade_renamed_keys(data, str(path) if path is not None else "the config")
+    if overrides:
+        overrides = upgrade_renamed_keys(overrides, "the command line", nested=False)
+    refuse_moshi_finetune_keys(data, overrides, path, TrainConfig)
     if overrides:
         data = apply_overrides(data, overrides)
     try:
@@ -284,3 +362,53 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
 
 def config_to_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def upgrade_renamed_keys(data: dict[str, Any], where: str, nested: bool = True) -> dict[str, Any]:
+    """``data`` (a nested config dict, or dotted overrides with ``nested=False``) with every old key
+    of :data:`RENAMED_KEYS` under its new name, and a warning naming it."""
+    flat = flatten(data) if nested else dict(data)
+    old = [k for k in RENAMED_KEYS if k in flat]
+    if not old:
+        return data
+    for key in old:
+        new = RENAMED_KEYS[key]
+        if new in flat:
+            raise ConfigError(f"{where}: {key} is the old name of {new}; give only {new}")
+        logger.warning("%s: %s is now called %s (read as such)", where, key, new)
+        flat[new] = flat.pop(key)
+    return apply_overrides({}, flat) if nested else flat
+
+
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the keys added to the schema since it was written, at their defaults (so a
+    new key does not read as a changed setting), and renamed keys under their new names."""
+    saved = upgrade_renamed_keys(saved, "the checkpoint's config.yaml")
+    try:
+        return to_dict(from_dict(TrainConfig, saved))
+    except ConfigError:  # a key since removed: compare as saved
+        return saved
+
+
+def check_resume_compatible(
+    saved: dict[str, Any], current: dict[str, Any], saved_world: int, world: int
+) -> None:
+    """Refuse to resume a checkpoint trained with ``saved`` under ``current`` if a key marked
+    ``fixed_on_resume`` (or the number of processes) differs; warn about any other difference."""
+    saved = _with_defaults(saved)
+    fixed = fixed_on_resume_keys(TrainConfig)
+    bad = [k for k in fixed if get_dotted(saved, k) != get_dotted(current, k)]
+    if saved_world != world:
+        bad.append(f"world size ({saved_world} -> {world} processes)")
+    if bad:
+        raise ConfigError(
+            f"cannot resume: the checkpoint was trained with different {', '.join(bad)}; these change shapes, "
+            "the trained parameters or the training data. Use the original settings, or start a new run_dir"
+        )
+    fs, fc = flatten(saved), flatten(current)
+    changed = sorted(k for k in set(fs) | set(fc) if fs.get(k) != fc.get(k) and k not in ("resume",))
+    if changed:
+        logger.warning(
+            "resuming with changed settings: %s",
+            ", ".join(f"{k}: {fs.get(k)!r} -> {fc.get(k)!r}" for k in changed),
+        )

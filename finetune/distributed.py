@@ -1,15 +1,18 @@
-"""Process group set-up for torchrun (NCCL on GPU, gloo on CPU) and small collective helpers.
+"""Process group set-up for torchrun (NCCL on GPU, gloo on CPU), small collective helpers, and the
+model's DDP / FSDP wrapping and mixed precision.
 
 One process (plain ``python train.py``) needs no torchrun and no process group.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass
@@ -68,6 +71,53 @@ def broadcast_object(obj):
     return box[0]
 
 
+def all_gather_object(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def use_bf16(cfg, dist_info: DistInfo) -> bool:
+    """Whether training config ``cfg`` computes in bf16 (``precision``; ``auto``: on GPU)."""
+    if cfg.precision == "bf16":
+        return True
+    return cfg.precision == "auto" and dist_info.device.type == "cuda"
+
+
+def autocast(cfg, dist_info: DistInfo):
+    """bf16 autocast on GPU (FSDP casts through its mixed-precision policy instead)."""
+    fsdp = dist_info.distributed and cfg.distributed.strategy == "fsdp"
+    if use_bf16(cfg, dist_info) and not fsdp:
+        return torch.autocast(device_type=dist_info.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def wrap_model(model: nn.Module, cfg, dist_info: DistInfo) -> nn.Module:
+    """``model`` under DDP or FSDP2 (``distributed.strategy``) when several processes train it."""
+    if not dist_info.distributed:
+        return model
+    if cfg.distributed.strategy == "ddp":
+        return nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda" else None,
+            broadcast_buffers=False,
+        )
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from .fsdp import shard_model
+
+    mp = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if use_bf16(cfg, dist_info) else None, reduce_dtype=torch.float32
+    )
+    for p in model.parameters():  # FSDP shards uniform float32 parameters; bf16 compute via the policy
+        p.data = p.data.float()
+    shard_model(model, mp)
+    return model

@@ -21,6 +21,8 @@ from moshi_ttt import TTTLMGen, apply_ttt, load_ttt_config, load_ttt_weights, se
 
 from .args import TrainConfig, load_config
 from .checkpointing import list_checkpoints
+from .data.audio import FRAME_RATE
+from .preflight import check_moshi_weights
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +53,12 @@ class LoadedModel:
 
 
 def load_checkpoint_model(
-    path: str | Path, device: str | torch.device = "cpu", with_codec: bool = True
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    with_codec: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> LoadedModel:
+    """The checkpoint's model (LM in ``dtype``: default bf16 on GPU, fp32 on CPU), tokenizer and Mimi."""
     from moshi.models import loaders
 
     from .data.audio import load_mimi
@@ -66,10 +72,13 @@ def load_checkpoint_model(
             f"{ckpt} has no moshi export (moshi/config.json): it was trained with checkpoint.export_moshi: false"
         )
     device = torch.device(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model_file = export / "model.safetensors"
     lora_file = export / "lora.safetensors"
     hf_repo = cfg.model.hf_repo if cfg.model.source == "hf" else "local/none"
+    if not model_file.is_file():  # moshi reads a .pt base checkpoint with pickle: only if the run opted in
+        check_moshi_weights(cfg.model.moshi_weights, cfg.model.allow_pickle)
     info = loaders.CheckpointInfo.from_hf_repo(
         hf_repo,
         moshi_weights=model_file if model_file.is_file() else cfg.model.moshi_weights,
@@ -215,7 +224,9 @@ def stream_conversations(
     )
 
 
-def text_with_timestamps(tokenizer, tokens: np.ndarray, frame_rate: float = 12.5) -> list[tuple[float, str]]:
+def text_with_timestamps(
+    tokenizer, tokens: np.ndarray, frame_rate: float = FRAME_RATE
+) -> list[tuple[float, str]]:
     """Words of Moshi's text stream with the time (s) of their first token; padding ids skipped."""
     words: list[tuple[float, str]] = []
     for f, tok in enumerate(int(t) for t in tokens):

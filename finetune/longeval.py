@@ -21,6 +21,10 @@ from torch.nn import functional as F
 
 from moshi_ttt import set_ttt_updates
 
+from .data.audio import FRAME_RATE
+from .data.build import build_datasets
+from .data.recall import attention_window, receptive_field
+from .evaluation import has_queries, recall_scores
 from .inference import LoadedModel, load_checkpoint_model
 
 
@@ -87,16 +91,12 @@ def evaluate_model(
             sums_t[1, b_idx] += tmask[:, sel].sum().item()
             sums_a[0, b_idx] += ce_a[:, :, sel][amask[:, :, sel]].sum().item()
             sums_a[1, b_idx] += amask[:, :, sel].sum().item()
-        if hasattr(dataset, "queries") and distance_edges:
+        if has_queries(dataset) and distance_edges:
             if rec is None:
-                rec = np.zeros((3, len(distance_edges) - 1))
-            for b, i in enumerate(idx):
-                for q in dataset.queries(i):
-                    d = int(_buckets(np.array([q.distance]), distance_edges)[0])
-                    lg = tl[b, q.value_pos]
-                    rec[0, d] += float(lg.argmax() == q.value)
-                    rec[1, d] += F.cross_entropy(lg[None], torch.tensor([q.value])).item()
-                    rec[2, d] += 1
+                rec = np.zeros((3, len(distance_edges) - 1))  # per distance bucket: hits, NLL, count
+            for q, hit, nll in recall_scores(tl, dataset, idx):
+                d = int(_buckets(np.array([q.distance]), distance_edges)[0])
+                rec[:, d] += (hit, nll, 1)
     if sums_t is None:
         raise ValueError("the eval set has no valid item")
 
@@ -114,8 +114,6 @@ def evaluate_model(
 
 def eval_dataset_for(loaded: LoadedModel, num_items: int | None = None):
     """The eval split of the run's own training data (recall, synthetic or manifest)."""
-    from .trainer import build_datasets
-
     _, evals = build_datasets(loaded.cfg, loaded.lm)
     if evals is None:
         raise ValueError(f"{loaded.checkpoint}: the run has no eval data (data.eval); pass --eval-config")
@@ -123,9 +121,8 @@ def eval_dataset_for(loaded: LoadedModel, num_items: int | None = None):
 
 
 def context_of(lm) -> tuple[int, int]:
-    """(attention window, receptive field of the stacked layers) in steps."""
-    ctx = lm.transformer.layers[0].self_attn.context or 10**9
-    return ctx, len(lm.transformer.layers) * (ctx - 1)
+    """(attention window, receptive field of the stacked layers) in steps; 10**9 stands for unlimited."""
+    return attention_window(lm) or 10**9, receptive_field(lm) or 10**9
 
 
 def evaluate_runs(
@@ -145,7 +142,6 @@ def evaluate_runs(
         if dataset is None:
             if eval_config is not None:
                 from .args import load_config
-                from .trainer import build_datasets
 
                 cfg = load_config(eval_config)
                 _, dataset = build_datasets(cfg, loaded.lm)
@@ -158,7 +154,7 @@ def evaluate_runs(
                 "eval_items": min(len(dataset), max_items or 10**9),
             }
         b = bucket or max(4, ctx // 2 if ctx < 10**9 else 64)
-        d_edges = [0, ctx, receptive + 1, 10**9] if hasattr(dataset, "queries") else None
+        d_edges = [0, ctx, receptive + 1, 10**9] if has_queries(dataset) else None
         name = Path(run).name if (Path(run) / "checkpoints").is_dir() else str(Path(run).parent.parent.name)
         kw = dict(batch_size=batch_size, max_items=max_items, bucket=b, distance_edges=d_edges)
         results.append(evaluate_model(name + (" (TTT)" if loaded.ttt else ""), loaded.lm, dataset, **kw))
@@ -227,7 +223,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
         if x < 10**9:
             ax.axvline(x, color="gray", ls="--" if "window" in label else ":", lw=1)
             ax.text(x, ax.get_ylim()[1], f" {label}", fontsize=8, va="top", color="gray")
-    ax.set_xlabel("position (steps, 12.5 per second)")
+    ax.set_xlabel(f"position (steps, {FRAME_RATE:g} per second)")
     ax.set_ylabel("text cross entropy (nats)")
     ax.set_title("Text loss by position")
     ax.grid(alpha=0.3)

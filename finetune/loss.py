@@ -12,19 +12,29 @@ micro-batches on all ranks): :func:`target_weights` computes the weights from th
 the forward pass, so the trainer can all-reduce the normalisers first. The result does not depend on
 how the global batch is split over processes and accumulation steps. Unweighted NLL sums are returned
 too: perplexity is ``exp`` of their per-token mean (in nats).
+
+:func:`loss_weights` and :func:`training_loss` apply the ``loss`` section of a training config
+(``finetune.args.LossArgs``) to a moshi ``LMModel``: what the trainer, the evaluation and the
+benchmarks call.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from .args import LossArgs
 
 
 @dataclass
 class LossParts:
     loss: torch.Tensor  # the weighted objective of this micro-batch (differentiable)
+    text_weighted_sum: torch.Tensor  # sum(w * ce) over text / audio targets (detached): with the weight
+    audio_weighted_sum: torch.Tensor  # sums, the objective over any set of batches (eval)
     text_nll_sum: torch.Tensor  # unweighted sums and counts, for logging and perplexity
     text_count: torch.Tensor
     audio_nll_sum: torch.Tensor
@@ -82,4 +92,31 @@ def compute_loss(
     (t_num, t_sum, t_n), (a_num, a_sum, a_n) = parts
     t_den, a_den = norms if norms is not None else (tw.sum(), aw.sum())
     loss = text_weight * t_num / max(float(t_den), 1e-8) + audio_weight * a_num / max(float(a_den), 1e-8)
-    return LossParts(loss, t_sum, t_n, a_sum, a_n)
+    return LossParts(loss, t_num.detach(), a_num.detach(), t_sum, t_n, a_sum, a_n)
+
+
+def loss_weights(opts: LossArgs, model, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`target_weights` of ``codes`` for moshi ``model`` (its delays and special tokens) under
+    the ``loss`` options ``opts``."""
+    return target_weights(
+        codes,
+        list(model.delays),
+        model.dep_q,
+        text_padding_ids=(model.text_padding_token_id, model.end_of_text_padding_id),
+        first_codebook_weight=opts.first_codebook_weight,
+        text_padding_weight=opts.text_padding_weight,
+        zero_token_id=model.zero_token_id,
+    )
+
+
+def training_loss(
+    opts: LossArgs,
+    out,
+    codes: torch.Tensor,
+    weights: tuple[torch.Tensor, torch.Tensor],
+    norms: tuple[float, float] | None = None,
+) -> LossParts:
+    """:func:`compute_loss` with the text / audio weights of the ``loss`` options ``opts``."""
+    return compute_loss(
+        out, codes, weights, norms=norms, text_weight=opts.text_weight, audio_weight=opts.audio_weight
+    )

@@ -27,6 +27,8 @@ from moshi_ttt.tiny import tiny_lm_kwargs
 from moshi_ttt.variants import param_groups as ttt_param_groups
 
 from .args import TrainConfig
+from .mf_compat import init_from_files, init_state, merged_config
+from .schema import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,15 @@ def resolve_base(cfg: TrainConfig) -> tuple[dict[str, Any], str | None]:
     m = cfg.model
     if m.source == "tiny":
         return tiny_lm_kwargs(**m.tiny), None
+    if m.init_from is not None:  # a whole fine-tuned model replaces the base (architecture included)
+        init = init_from_files(m.init_from)
+        if init.full is not None:
+            return merged_config(init), str(init.full)
+        if m.source == "local" and not (m.config_path and m.moshi_weights):
+            raise ConfigError(
+                f"model.init_from: {init.directory} holds LoRA adapters only; give the base they were trained "
+                "on (model.config_path and model.moshi_weights, or model.source: hf)"
+            )
     if m.source == "local":
         config_path, weights = Path(m.config_path), m.moshi_weights
     else:
@@ -68,12 +79,12 @@ def resolve_base(cfg: TrainConfig) -> tuple[dict[str, Any], str | None]:
         config_path = Path(m.config_path or hf_hub_download(m.hf_repo, "config.json"))
         weights = None if m.moshi_weights is None else str(loaders.hf_get(m.moshi_weights))
     if not config_path.is_file():
-        raise FileNotFoundError(f"model.config_path: {config_path} does not exist")
+        raise ConfigError(f"model.config_path: {config_path} does not exist")
     raw = json.loads(config_path.read_text())
     if weights is None:
         weights = str(loaders.hf_get(raw.get("moshi_name", "model.safetensors"), m.hf_repo))
     if not Path(weights).is_file():
-        raise FileNotFoundError(f"model.moshi_weights: {weights} does not exist")
+        raise ConfigError(f"model.moshi_weights: {weights} does not exist")
     return raw, weights
 
 
@@ -139,20 +150,22 @@ def build_model(
         if cfg.model.source == "tiny":
             _init_lora(model)
     if weights is not None:
-        state = load_file(weights)
+        state = read_moshi_weights(weights, cfg.model.allow_pickle)
+        if cfg.model.init_from is not None:
+            state = init_state(cfg.model.init_from, raw_config, state, CONFIG_META_KEYS)
         dtype = next(p for p in model.parameters()).dtype
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         try:
             res = model.load_state_dict(state, strict=False, assign=True)
         except RuntimeError as e:
-            raise ValueError(
+            raise ConfigError(
                 f"{weights} does not match the architecture in the model config (check model.config_path): {e}"
             ) from e
         new_ttt = {f"{n}.{p}" for n, layer in named_ttt_layers(model) for p in layer.new_param_names()}
         lora = ("lora_A.weight", "lora_B.weight")
         bad_missing = [k for k in res.missing_keys if k not in new_ttt and not k.endswith(lora)]
         if res.unexpected_keys or bad_missing:
-            raise ValueError(
+            raise ConfigError(
                 f"{weights} does not match the configured architecture: missing {bad_missing[:8]}, "
                 f"unexpected {res.unexpected_keys[:8]}; check model.config_path"
             )
@@ -189,12 +202,18 @@ def param_groups(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def embedding_params(model: nn.Module) -> set[str]:
+    """Names of the embedding tables' weights (text and audio, main model and depformer)."""
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+
+
 def set_trainable(model: nn.Module, cfg: TrainConfig) -> None:
     """requires_grad per ``finetune`` mode, ``ttt.freeze_slow_weights`` and ``ttt.train_w_down``
     (which applies to the TTT weights taken from the base checkpoint: In-Place TTT's ``w_down``)."""
     freeze_slow = cfg.freeze_slow_weights
     groups = param_groups(model)
     ttt_groups = ttt_param_groups()
+    embeddings = embedding_params(model) if cfg.lora.train_embeddings else set()
     for name, p in model.named_parameters():
         group = groups[name]
         if group in ttt_groups:
@@ -209,7 +228,7 @@ def set_trainable(model: nn.Module, cfg: TrainConfig) -> None:
         elif cfg.finetune == "full":
             train = True
         elif cfg.finetune == "lora":
-            train = group == "lora"
+            train = group == "lora" or name in embeddings
         else:  # ttt_only
             train = False
         p.requires_grad_(train)
@@ -252,7 +271,7 @@ def optimizer_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]
         groups.setdefault((is_ttt, decay), []).append(p)
     out = []
     for (is_ttt, decay), params in sorted(groups.items()):
-        lr = cfg.optim.ttt_lr if (is_ttt and cfg.optim.ttt_lr is not None) else cfg.optim.lr
+        lr = cfg.optim.group_lr(is_ttt)
         name = ("ttt" if is_ttt else "model") + ("" if decay else "_no_decay")
         out.append(
             {
@@ -267,3 +286,19 @@ def optimizer_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]
             "no parameter is trainable with this configuration (check finetune and ttt settings)"
         )
     return out
+
+
+def read_moshi_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """A base Moshi state dict: safetensors, or (only with ``allow_pickle``) moshi's pickled ``.pt``
+    package, read the way moshi reads it (``torch.load`` without ``weights_only``: it can run code)."""
+    from .preflight import SAFETENSORS_SUFFIXES, check_moshi_weights
+
+    if Path(path).suffix in SAFETENSORS_SUFFIXES:
+        return load_file(str(path))
+    check_moshi_weights(str(path), allow_pickle)
+    pkg = torch.load(path, map_location="cpu", weights_only=False)  # opted in: model.allow_pickle
+    if isinstance(pkg, dict) and "fsdp_best_state" in pkg:  # moshi's training package
+        pkg = pkg["fsdp_best_state"]["model"]
+    if not isinstance(pkg, dict):
+        raise ConfigError(f"model.moshi_weights: {path} does not hold a state dict")
+    return pkg

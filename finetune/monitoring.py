@@ -1,4 +1,4 @@
-"""Console progress, ``metrics.jsonl`` and Weights & Biases (rank 0 only)."""
+"""Console progress, ``metrics.jsonl``, Weights & Biases (rank 0 only) and the TTT layers' telemetry."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from moshi_ttt import ttt_gatings
 
 logger = logging.getLogger("finetune")
 
@@ -29,20 +31,64 @@ def fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def _strict(value: Any) -> Any:
+    """``value`` with every non-finite float as None: metrics.jsonl is strict JSON (no NaN / Infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 class Metrics:
-    """Appends one JSON object per event to ``run_dir/metrics.jsonl`` and mirrors it to wandb."""
+    """Appends one JSON object per event to ``run_dir/metrics.jsonl`` and mirrors it to wandb.
+
+    Each line is strict JSON (a non-finite value is written as null; ``skip`` records mark the steps
+    whose loss or gradient was not finite). A run that starts at step S (0, or the step it resumes from)
+    first moves every record after S (and any unreadable line, e.g. one cut by a kill) into
+    ``metrics.superseded.jsonl``, then writes a ``start`` record: the file holds each step once, in the
+    history of the checkpoints that exist.
+    """
 
     def __init__(self, run_dir: Path, enabled: bool, wandb_run=None) -> None:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.wandb_run = wandb_run
 
+    def start(self, step: int, resumed_from: str | None) -> None:
+        if not self.enabled:
+            return
+        if self.path.is_file():
+            keep, drop = [], []
+            for line in self.path.read_text(errors="replace").splitlines():
+                try:
+                    ok = int(json.loads(line)["step"]) <= step
+                except (ValueError, KeyError, TypeError):
+                    ok = False
+                (keep if ok else drop).append(line + "\n")
+            if drop:
+                with (self.path.parent / "metrics.superseded.jsonl").open("a") as f:
+                    f.writelines(drop)
+                tmp = self.path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(keep))
+                os.replace(tmp, self.path)
+                logger.info(
+                    "metrics.jsonl: %d record(s) after step %d moved to metrics.superseded.jsonl",
+                    len(drop),
+                    step,
+                )
+        self._write({"kind": "start", "step": step, "time": time.time(), "resumed_from": resumed_from})
+
+    def _write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(_strict(record), allow_nan=False) + "\n")
+
     def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {"kind": kind, "step": step, "time": time.time(), **values}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._write({"kind": kind, "step": step, "time": time.time(), **values})
         if self.wandb_run is not None:
             self.wandb_run.log({f"{kind}/{k}": v for k, v in values.items()}, step=step)
 
@@ -67,3 +113,28 @@ def init_wandb(cfg, run_dir: Path, run_id: str | None, config_dict: dict[str, An
         tags=w.tags or None,
         config=config_dict,
     )
+
+
+def ttt_telemetry(base) -> dict[str, float]:
+    """Per TTT layer: what its variant reports (``moshi_ttt.layer.TELEMETRY``, e.g. In-Place TTT's
+    ``||w_down - w_down_pretrained||``, the TTT term relative to the base term, one chunk's update
+    relative to ``||W^(0)||``)."""
+    return {f"ttt/layer{i}/{k}": v for i, g in ttt_gatings(base).items() for k, v in g.telemetry().items()}
+
+
+# Console names of the telemetry a user reads to see whether TTT is off (~1e-6) or swamping (> 1).
+_CONSOLE_TTT = {"term_ratio": "ttt/base", "chunk_update_ratio": "dW/W0"}
+
+
+def ttt_console_line(values: dict[str, Any]) -> str | None:
+    """``ttt/base L1 3.1e-03 L3 8.0e-03 | dW/W0 L1 ...`` from the logged telemetry, or None."""
+    parts = []
+    for key, label in _CONSOLE_TTT.items():
+        cells = [
+            f"L{name.split('/')[1].removeprefix('layer')} {v:.1e}"
+            for name, v in values.items()
+            if name.startswith("ttt/layer") and name.endswith("/" + key)
+        ]
+        if cells:
+            parts.append(f"{label} " + " ".join(cells))
+    return " | ".join(parts) or None

@@ -64,7 +64,7 @@ def load_probe_model(
 
 
 def probe_batches(cfg: TrainConfig, lm: torch.nn.Module, n: int, batch_size: int) -> list[torch.Tensor]:
-    from .trainer import build_datasets
+    from .data.build import build_datasets
 
     train_set, _ = build_datasets(cfg, lm)
     out: list[torch.Tensor] = []

@@ -3,7 +3,9 @@
 A config is a tree of dataclasses. :func:`from_dict` builds one from a nested dict (a YAML file),
 rejecting unknown keys and wrong types; :func:`apply_overrides` sets dotted keys
 (``optim.lr=3e-5``). Values given as strings (from a command line) are parsed as YAML scalars
-when the field is not a string, so ``--ttt.layers=[0,6]`` and ``--lora.enable=true`` work.
+when the field is not a string, so ``--ttt.layers=[0,6]`` and ``--model.gradient_checkpointing=true``
+work. A field whose metadata holds :data:`FIXED_ON_RESUME` may not change when a run resumes
+(:func:`fixed_on_resume_keys` lists them for the resume check).
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ class ConfigError(ValueError):
     """A configuration problem, named by its dotted key."""
 
 
+# Field metadata of a setting a checkpoint is tied to: ``field(default=..., metadata=FIXED_ON_RESUME)``.
+FIXED_ON_RESUME = {"fixed_on_resume": True}
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:
@@ -34,6 +40,13 @@ def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
+
+
+def _yaml_scalar(value: str) -> Any:
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -77,7 +90,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+        # Untyped entries set one by one on a command line (--model.tiny.dim=32) arrive as strings.
+        return {k: _yaml_scalar(v) if isinstance(v, str) else v for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -143,6 +157,37 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+def fixed_on_resume_keys(cls: type, prefix: str = "") -> list[str]:
+    """Dotted names of the fields of dataclass config ``cls`` marked :data:`FIXED_ON_RESUME` (a marked
+    section stands for all its keys)."""
+    hints = get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("fixed_on_resume"):
+            out.append(prefix + f.name)
+        elif f.init and dataclasses.is_dataclass(hints[f.name]):
+            out += fixed_on_resume_keys(hints[f.name], f"{prefix}{f.name}.")
+    return out
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def get_dotted(d: dict[str, Any], dotted: str) -> Any:
+    """The value at ``dotted`` in a nested dict (``{}`` where a part is missing)."""
+    for part in dotted.split("."):
+        d = d.get(part, {}) if isinstance(d, dict) else {}
+    return d
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

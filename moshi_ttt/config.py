@@ -10,12 +10,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from .ops.inplace import PRECISIONS as UPDATE_PRECISIONS
 
 TARGET_SOURCES = ("text_emb", "input_emb", "hidden")
 FAST_FORMS = ("auto", "dual", "scan")
 ETA_NORMS = ("none", "zsq")
+# Field metadata of the settings the TTT parameters depend on (which exist, their shapes, what they
+# read): a checkpoint is tied to them (finetune's resume check refuses a change).
+_FIXED = {"fixed_on_resume": True}
 
 
 @dataclass
@@ -44,27 +49,38 @@ class TTTConfig:
         start_layer, layer_frequency: select layers ``start_layer, start_layer + layer_frequency, ...``.
         fast_form: ``auto`` picks the quadratic dual form for short sequences and the linear
             chunk scan for long ones (see :func:`moshi_ttt.ops.ttt_chunked`).
+        update_precision: In-Place TTT's update math under bf16 autocast or in a bf16 model: ``bf16``
+            multiplies bf16 operands into float32 sums (tensor-core speed; the scores ``Z Z^T`` and
+            their gradients are rounded to bf16 where they enter a product), ``fp32`` keeps every
+            operand float32 (TF32 with the training config's ``tf32``). Whatever accumulates across
+            chunks (streaming ``delta``, ``w_final``, the scan state) is float32 either way, and a
+            float32 model computes the same in both. Errors against a float64 reference:
+            ``scripts/check_precision.py``. TTT-MLP ignores it (its fast-weight math is float32).
         variant: a name in :data:`moshi_ttt.variants.VARIANTS`: ``inplace`` (In-Place TTT: the MLP's
             ``w_down`` is the fast weight, :mod:`moshi_ttt.gating`) or ``mlp`` (a TTT-MLP residual
             branch beside the MLP, :mod:`moshi_ttt.ttt_mlp`; ``chunk_size`` is its mini-batch,
             ``eta`` its base inner learning rate; the conv/target settings do not apply).
         mlp_heads, mlp_expansion: heads of the TTT-MLP branch and the hidden size of each head's
             fast MLP as a multiple of the head dimension.
+
+    Fields marked ``fixed_on_resume`` in their metadata decide the TTT parameters; the others (chunk
+    size, eta, fast form) only how they are used.
     """
 
     chunk_size: int = 512
     eta: float = 1e-2
     eta_norm: str = "none"
-    conv_kernel_size: int = 2
-    conv_depthwise: bool = True
-    target_source: str = "text_emb"
-    layers: list[int] | None = None
-    start_layer: int = 0
-    layer_frequency: int = 6
+    conv_kernel_size: int = field(default=2, metadata=_FIXED)
+    conv_depthwise: bool = field(default=True, metadata=_FIXED)
+    target_source: str = field(default="text_emb", metadata=_FIXED)
+    layers: list[int] | None = field(default=None, metadata=_FIXED)
+    start_layer: int = field(default=0, metadata=_FIXED)
+    layer_frequency: int = field(default=6, metadata=_FIXED)
     fast_form: str = "auto"
-    variant: str = "inplace"
-    mlp_heads: int = 4
-    mlp_expansion: int = 4
+    update_precision: str = "bf16"
+    variant: str = field(default="inplace", metadata=_FIXED)
+    mlp_heads: int = field(default=4, metadata=_FIXED)
+    mlp_expansion: int = field(default=4, metadata=_FIXED)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -105,6 +121,8 @@ class TTTConfig:
             raise bad("layer_frequency", "must be an integer >= 1")
         if self.fast_form not in FAST_FORMS:
             raise bad("fast_form", f"must be one of {', '.join(FAST_FORMS)}")
+        if self.update_precision not in UPDATE_PRECISIONS:
+            raise bad("update_precision", f"must be one of {', '.join(UPDATE_PRECISIONS)}")
         from .variants import VARIANTS  # here, not at the top: the variant modules import this one
 
         if self.variant not in VARIANTS:

@@ -204,8 +204,8 @@ class TTTGating(TTTLayer[_TTTState]):
 
     def update_target(self, src: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The ``V`` the update ``eta * V[i]^T Z[i]`` uses, ``[B, T, d]``: :meth:`target`, divided by
-        its chunk's mean ``||z||^2`` under ``eta_norm: zsq`` (then in float32 or float64). ``z`` is ``[B, T, h]`` on the
-        same chunk grid."""
+        its chunk's mean ``||z||^2`` under ``eta_norm: zsq`` (then in float32 or float64). ``z`` is
+        ``[B, T, h]`` on the same chunk grid."""
         v = self.target(src)
         if self.config.eta_norm == "zsq":
             s = chunk_mean_sq(z, self.config.chunk_size).clamp_min(_ZSQ_FLOOR)  # [B, T]
@@ -226,6 +226,7 @@ class TTTGating(TTTLayer[_TTTState]):
             self.config.chunk_size,
             form=self.config.fast_form,
             return_final=False,
+            precision=self.config.update_precision,
         )
         if self.record_stats:  # once: a gradient-checkpointing recompute does not pay for it again
             self.last_stats = self.sequence_stats(z, v)

@@ -4,7 +4,10 @@
 Prints, for each (T, C): forward+backward time and activation bytes saved for backward of
 
 - ``plain``: moshi's ``ActivationGating`` (the MLP a TTT layer replaces),
-- ``ttt``: :class:`moshi_ttt.TTTGating` with ``fast_form=auto`` (plus ``dual`` / ``scan`` forced),
+- ``ttt``: :class:`moshi_ttt.TTTGating` with ``fast_form=auto`` (plus ``dual`` / ``scan`` forced), once
+  per update math in ``--update``: ``fp32`` (float32 products), ``tf32`` (the same with TF32 matmuls
+  allowed) and ``bf16`` (``ttt.update_precision: bf16``: bf16 operands, float32 sums; it only differs
+  from ``fp32`` under ``--amp bf16``, and on CPU it is emulated in float32, so time it on a GPU),
 - ``per-chunk``: the same TTT gating computed the way an earlier attempt did, materialising one
   ``[d, h]`` weight per chunk (``einsum`` deltas, ``cumsum``, batched matmul),
 
@@ -14,7 +17,8 @@ parameters excluded). Timings are medians; these machines are shared, so read ra
 
     python scripts/bench_ttt.py                 # the default grid (d=1024, h=2816, B=1, fp32)
     python scripts/bench_ttt.py --T 768 --C 128 --reps 5
-    python scripts/bench_ttt.py --device cuda --amp bf16 --d 4096 --h 11264 --T 3000 --C 128 512
+    python scripts/bench_ttt.py --device cuda --amp bf16 --d 4096 --h 11264 --T 3000 --C 128 512 \
+        --update fp32 tf32 bf16
 
 On CUDA, ``--amp bf16`` runs the forward under bf16 autocast with float32 weights (how training runs),
 and a column gives the peak CUDA memory of forward+backward above the inputs and weights.
@@ -41,7 +45,7 @@ from moshi_ttt import gating as gating_mod  # noqa: E402
 from moshi_ttt.ops import choose_form  # noqa: E402
 
 
-def ttt_per_chunk_weights(z, v, w0, eta, chunk_size, *, form=None, return_final=False):
+def ttt_per_chunk_weights(z, v, w0, eta, chunk_size, *, form=None, return_final=False, precision=None):
     """The earlier attempt's parallel form: one fast weight per chunk, all held at once."""
     B, T, h = z.shape
     d = v.shape[2]
@@ -132,7 +136,13 @@ def timed(module, x, reps, op=None, amp=None):
     return statistics.median(times), saved, peak
 
 
-def main() -> None:
+def set_update_math(module: TTTGating, math: str) -> None:
+    """``fp32`` / ``tf32`` / ``bf16`` update math (tf32: the global matmul flag, as ``tf32: true`` sets)."""
+    torch.backends.cuda.matmul.allow_tf32 = math == "tf32"
+    module.config.update_precision = "bf16" if math == "bf16" else "fp32"
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--d", type=int, default=1024)
     p.add_argument("--h", type=int, default=2816)
@@ -145,9 +155,16 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--amp", choices=["bf16"], default=None, help="bf16 autocast (float32 weights)")
     p.add_argument("--no-chunk-w", action="store_true", help="skip the per-chunk-weight form")
-    p.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls (CUDA)")
-    args = p.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    p.add_argument(
+        "--update",
+        nargs="+",
+        choices=["fp32", "tf32", "bf16"],
+        default=None,
+        help="TTT update math (default: fp32, and bf16 with --amp bf16; without it they compute the same)",
+    )
+    args = p.parse_args(argv)
+    args.update = args.update or (["fp32", "bf16"] if args.amp else ["fp32"])
+    torch.backends.cuda.matmul.allow_tf32 = False
     device = torch.device(args.device)
     amp = torch.bfloat16 if args.amp == "bf16" else None
     torch.manual_seed(0)
@@ -155,12 +172,12 @@ def main() -> None:
         torch.cuda.get_device_name(device) if device.type == "cuda" else f"threads {torch.get_num_threads()}"
     )
     print(
-        f"torch {torch.__version__}, {device.type} ({where}), {args.amp or 'fp32'}{', tf32' * args.tf32}, "
+        f"torch {torch.__version__}, {device.type} ({where}), {args.amp or 'fp32'}, "
         f"d={args.d}, h={args.h}, B={args.B}"
     )
     cuda = device.type == "cuda"
     header = (
-        f"{'T':>5} {'C':>4} {'form':>5} | {'plain ms':>8} {'ttt ms':>8} {'chunk-W ms':>10} | "
+        f"{'T':>5} {'C':>4} {'math':>4} {'form':>5} | {'plain ms':>8} {'ttt ms':>8} {'chunk-W ms':>10} | "
         f"{'ttt/plain t':>11} {'chunk-W/ttt t':>13} | {'plain MB':>8} {'ttt MB':>7} {'chunk-W MB':>10} "
         f"{'ttt/plain mem':>13}"
         + (f" | {'peak plain':>10} {'peak ttt':>8} {'peak chunk-W':>12}" if cuda else "")
@@ -179,30 +196,40 @@ def main() -> None:
                 else timed(ttt, x, max(2, args.reps // 2), op=ttt_per_chunk_weights, amp=amp)
             )
             forms = ["auto"] if args.no_forms else ["auto", "dual", "scan"]
-            for form in forms:
-                ttt.config.fast_form = form
-                tt, mt, pt = timed(ttt, x, args.reps, amp=amp)
-                shown = form if form != "auto" else "auto:" + choose_form(T, args.d, args.h)[0]
-                print(
-                    f"{T:>5} {C:>4} {shown:>5} | {tp * 1e3:8.1f} {tt * 1e3:8.1f} {tn * 1e3:10.1f} | "
-                    f"{tt / tp:11.2f} {tn / tt:13.2f} | {mp / 2**20:8.1f} {mt / 2**20:7.1f} {mn / 2**20:10.1f} "
-                    f"{mt / mp:13.2f}"
-                    + (f" | {pp / 2**20:10.1f} {pt / 2**20:8.1f} {pn / 2**20:12.1f}" if cuda else "")
-                )
+            for upd in args.update:
+                set_update_math(ttt, upd)
+                for form in forms:
+                    ttt.config.fast_form = form
+                    tt, mt, pt = timed(ttt, x, args.reps, amp=amp)
+                    shown = form if form != "auto" else "auto:" + choose_form(T, args.d, args.h)[0]
+                    print(
+                        f"{T:>5} {C:>4} {upd:>4} {shown:>5} | {tp * 1e3:8.1f} {tt * 1e3:8.1f} {tn * 1e3:10.1f} | "
+                        f"{tt / tp:11.2f} {tn / tt:13.2f} | {mp / 2**20:8.1f} {mt / 2**20:7.1f} {mn / 2**20:10.1f} "
+                        f"{mt / mp:13.2f}"
+                        + (f" | {pp / 2**20:10.1f} {pt / 2**20:8.1f} {pn / 2**20:12.1f}" if cuda else "")
+                    )
+            torch.backends.cuda.matmul.allow_tf32 = False
             del plain, ttt, x
     # Moshi-7B's real MLP shape, on the meta device: no memory is allocated, no time is measured.
     d, h, T = 4096, 11264, 3000
     print(f"\nMoshi-7B layer shape on meta (d={d}, h={h}, T={T}, B=1), activation bytes saved for backward:")
-    for C in (256, 512):
-        plain, ttt = make_modules(d, h, C, args.eta, device="meta")
-        x = torch.empty(1, T, d, device="meta")
-        mp = run_once(plain, x)
-        mt = run_once(ttt, x)
-        mn = run_once(ttt, x, op=ttt_per_chunk_weights)
-        print(
-            f"  C={C:4d}: plain {mp / 2**20:8.1f} MB | ttt {mt / 2**20:8.1f} MB ({mt / mp:.2f}x) | "
-            f"per-chunk weights {mn / 2**20:9.1f} MB ({mn / mp:.1f}x)"
-        )
+    for dtype in (torch.float32, torch.bfloat16):  # a bf16 model stands for bf16 autocast here
+        for C in (256, 512):
+            plain, ttt = make_modules(d, h, C, args.eta, device="meta")
+            plain, ttt = plain.to(dtype), ttt.to(dtype)
+            x = torch.empty(1, T, d, device="meta", dtype=dtype)
+            mp = run_once(plain, x)
+            mn = run_once(ttt, x, op=ttt_per_chunk_weights)
+            cells = []
+            for prec in ("fp32", "bf16") if dtype == torch.bfloat16 else ("fp32",):
+                ttt.config.update_precision = prec
+                mt = run_once(ttt, x)
+                cells.append(f"ttt ({prec} update) {mt / 2**20:8.1f} MB ({mt / mp:.2f}x)")
+            print(
+                f"  {str(dtype).removeprefix('torch.'):>8} C={C:4d}: plain {mp / 2**20:8.1f} MB | "
+                + " | ".join(cells)
+                + f" | per-chunk weights {mn / 2**20:9.1f} MB ({mn / mp:.1f}x)"
+            )
 
 
 if __name__ == "__main__":

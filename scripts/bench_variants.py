@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ttt import count_saved  # noqa: E402
 
 from finetune.args import load_config  # noqa: E402
+from finetune.data.build import build_datasets  # noqa: E402
 from finetune.data.loader import collate_codes  # noqa: E402
+from finetune.loss import loss_weights, training_loss  # noqa: E402
 from finetune.model import build_model  # noqa: E402
-from finetune.trainer import _loss, _weights, build_datasets  # noqa: E402
 from moshi_ttt import VARIANTS  # noqa: E402
 
 
@@ -41,7 +42,7 @@ def train_step(model, cfg, codes, params) -> int:
     model.zero_grad(set_to_none=True)
     with count_saved(params) as box:
         out = model(codes)
-        loss = _loss(cfg, out, codes, _weights(cfg, model, codes)).loss
+        loss = training_loss(cfg.loss, out, codes, loss_weights(cfg.loss, model, codes)).loss
     loss.backward()
     return box["bytes"]
 

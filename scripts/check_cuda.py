@@ -5,8 +5,10 @@ The test suite runs on CPU; this script checks on a CUDA device what only a GPU 
 non-zero when a check fails:
 
 1. ``ttt_chunked`` (dual and scan forms) on CUDA against ``ttt_reference`` in float64 on the CPU:
-   outputs, final state and gradients, with float32 and bf16 inputs (the fast-weight math runs in
-   float32 either way, so bf16 inputs differ from the reference by input rounding only);
+   outputs, final state and gradients, with float32 and bf16 inputs, and with bf16 inputs under
+   ``update_precision`` fp32 (differs from the reference by input rounding only) and bf16 (within
+   two bf16 roundings); then the native bf16 products (``bmm(..., out_dtype=float32)``) against their
+   exact CPU emulation, which the CPU test suite checks;
 2. a tiny TTT Moshi (both variants) on CUDA equals the unpatched model at init, and streaming it frame by frame
    (``model.streaming``) equals the full forward, in float32 and in bf16;
 3. ``TTTLMGen`` with moshi's CUDA graphs generates the same greedy tokens as ``LMGen`` without
@@ -59,21 +61,46 @@ def check_ops(device: torch.device) -> None:
     v64 = torch.randn(B, T, d, generator=g, dtype=torch.float64)
     w64 = torch.randn(d, h, generator=g, dtype=torch.float64) * h**-0.5
     gout = torch.randn(B, T, d, generator=g, dtype=torch.float64)
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        # The reference sees the same rounded inputs, so only the computation differs.
+    # bf16 inputs, update_precision fp32: input rounding only (the reference sees the same rounded
+    # inputs); bf16: within two bf16 roundings (2u = 2^-7) of it, as tests/test_precision.py bounds on CPU.
+    cases = ((torch.float32, "fp32", 1e-5), (torch.bfloat16, "fp32", 2e-2), (torch.bfloat16, "bf16", 2**-7))
+    for dtype, precision, tol in cases:
         zr, vr, wr = (t.to(dtype).double().requires_grad_() for t in (z64, v64, w64))
         ref_out, ref_w = ttt_reference(zr, vr, wr, eta, C)
         ref_grads = torch.autograd.grad((ref_out * gout).sum(), (zr, vr, wr))
         for form in ("dual", "scan"):
             zc, vc, wc = (t.to(device=device, dtype=dtype).requires_grad_() for t in (z64, v64, w64))
-            out, w_final = ttt_chunked(zc, vc, wc, eta, C, form=form)
+            out, w_final = ttt_chunked(zc, vc, wc, eta, C, form=form, precision=precision)
             assert out.dtype == dtype, out.dtype
             grads = torch.autograd.grad((out.float() * gout.to(device, torch.float32)).sum(), (zc, vc, wc))
-            name = f"{form} {str(dtype).removeprefix('torch.')}"
+            name = f"{form} {str(dtype).removeprefix('torch.')} inputs, {precision} update"
             check(f"{name} output", rel(out, ref_out), tol)
             check(f"{name} final state", rel(w_final, ref_w), 1e-5)
             for n, a, b in zip(("z", "v", "w0"), grads, ref_grads):
                 check(f"{name} grad {n}", rel(a, b), tol)
+
+
+def check_native_bf16_products(device: torch.device) -> None:
+    """bf16 update math on the device (``bmm(..., out_dtype=float32)``) vs its exact CPU emulation."""
+    print(f"bf16 update math on {device.type} vs its emulation on the CPU, relative differences:")
+    B, T, d, h, C = 2, 700, 256, 704, 128  # several tiles and a partial one, Moshi's h / d
+    g = torch.Generator().manual_seed(3)
+    z = (
+        torch.nn.functional.silu(torch.randn(B, T, h, generator=g)) * torch.randn(B, T, h, generator=g)
+    ).bfloat16()
+    v = (torch.randn(B, T, d, generator=g) * 0.5).bfloat16()
+    w0 = torch.randn(d, h, generator=g) * h**-0.5
+    gout = torch.randn(B, T, d, generator=g)
+    for form in ("dual", "scan"):
+        res = []
+        for dev in (torch.device("cpu"), device):
+            zc, vc, wc = (t.to(dev).requires_grad_() for t in (z, v, w0))
+            out, wf = ttt_chunked(zc, vc, wc, 0.01, C, form=form, precision="bf16")
+            res.append(
+                [out, wf, *torch.autograd.grad((out.float() * gout.to(dev)).sum() + wf.sum(), (zc, vc, wc))]
+            )
+        for n, a, b in zip(("output", "final state", "grad z", "grad v", "grad w0"), res[1], res[0]):
+            check(f"{form} {n}", rel(a, b), 2**-10)
 
 
 def _stream(model, seq):
@@ -88,14 +115,16 @@ def _stream(model, seq):
 def check_model(device: torch.device) -> None:
     print(f"tiny TTT Moshi on {device.type}:")
     B, T = 2, 45
-    for variant, dtype, tol in (
-        ("inplace", torch.float32, 1e-4),
-        ("inplace", torch.bfloat16, 3e-2),
-        ("mlp", torch.float32, 1e-4),
-        ("mlp", torch.bfloat16, 3e-2),
+    for variant, dtype, tol, precision in (
+        ("inplace", torch.float32, 1e-4, "bf16"),
+        ("inplace", torch.bfloat16, 3e-2, "fp32"),
+        ("inplace", torch.bfloat16, 3e-2, "bf16"),
+        ("mlp", torch.float32, 1e-4, "bf16"),
+        ("mlp", torch.bfloat16, 3e-2, "bf16"),
     ):
-        cfg = TTTConfig(chunk_size=8, eta=0.05, layers=[0, 2], variant=variant)
+        cfg = TTTConfig(chunk_size=8, eta=0.05, layers=[0, 2], variant=variant, update_precision=precision)
         name = f"{variant} {str(dtype).removeprefix('torch.')}"
+        name += f" ({precision} update)" if variant == "inplace" else ""
         base = build_tiny_lm(seed=0, context=16, device=device, dtype=dtype).eval()
         model = apply_ttt(copy.deepcopy(base), cfg).eval()
         g = torch.Generator().manual_seed(1)
@@ -213,6 +242,8 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     check_ops(device)
+    if device.type != "cpu":
+        check_native_bf16_products(device)
     check_model(device)
     check_graphs(device)
     check_autocast_step(device)

@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """Encode a dataset's audio with Mimi once, into the code cache training reads.
 
-    python scripts/encode_codes.py --config configs/tiny.yaml          # data.train / data.eval / data.cache_dir
-    python scripts/encode_codes.py data/train.jsonl --cache codes/ --mimi-weights mimi.safetensors \\
-        [--mimi-config mimi_config.json] [--num-codebooks 8] [--device cuda]
+    python scripts/encode_codes.py configs/tiny.yaml
+    python scripts/encode_codes.py configs/my_run.yaml --data.train=data/mine.jsonl --data.cache_dir=codes
 
-Entries are keyed by the audio file's content, the Mimi weights' content and the number of
-codebooks, so a changed file or a different Mimi is encoded again and nothing stale is read. Files
-already cached are skipped; unreadable files are reported and skipped.
+Takes the training config and the same ``--section.key=value`` overrides as ``train.py``, so it
+encodes exactly what the run reads: ``data.train`` and ``data.eval`` with ``data.mimi_weights`` (and
+``data.mimi_config``) into ``data.cache_dir``, with the model's number of codebooks; ``device`` picks
+where Mimi runs. Entries are keyed by the audio file's content, the Mimi weights' content and the
+number of codebooks, so a changed file or a different Mimi is encoded again and nothing stale is read.
+Files already cached are skipped; bad manifest lines and unreadable files are reported and skipped
+(exit status 1 if any file failed, 2 for a configuration error).
 """
 
 from __future__ import annotations
@@ -16,52 +19,51 @@ import os
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
-import argparse  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tqdm import tqdm  # noqa: E402
-
-from finetune.data.audio import BadItem, CodeCache, encode_stereo, load_mimi, read_stereo  # noqa: E402
-from finetune.data.dataset import read_manifest  # noqa: E402
+from finetune.cli import parse_cli, run_main  # noqa: E402
+from finetune.schema import ConfigError  # noqa: E402
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("manifests", nargs="*", type=Path)
-    p.add_argument("--config", type=Path, help="take manifests, Mimi and cache_dir from a training config")
-    p.add_argument("--cache", type=Path)
-    p.add_argument("--mimi-weights", type=Path)
-    p.add_argument("--mimi-config", type=Path)
-    p.add_argument("--num-codebooks", type=int, default=8)
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args()
-    if args.config is not None:
-        from finetune.args import load_config
+def main(argv: list[str]) -> int:
+    import logging
 
-        cfg = load_config(args.config)
-        d = cfg.data
-        args.manifests = args.manifests or [Path(m) for m in (d.train, d.eval) if m]
-        args.cache = args.cache or (Path(d.cache_dir) if d.cache_dir else None)
-        args.mimi_weights = args.mimi_weights or (Path(d.mimi_weights) if d.mimi_weights else None)
-        args.mimi_config = args.mimi_config or (Path(d.mimi_config) if d.mimi_config else None)
-        if cfg.model.source == "tiny":
-            from moshi_ttt.tiny import tiny_lm_kwargs
+    import torch
+    from tqdm import tqdm
 
-            kw = tiny_lm_kwargs(**cfg.model.tiny)
-            args.num_codebooks = max(kw["dep_q"], kw["n_q"] - kw["dep_q"])
-    if not args.manifests or args.cache is None or args.mimi_weights is None:
-        p.error("need manifests, --cache and --mimi-weights (or a --config that sets data.cache_dir)")
-    entries = [e for m in args.manifests for e in read_manifest(m)]
-    cache = CodeCache(args.cache, args.mimi_weights, args.num_codebooks)
+    from finetune.args import load_config
+    from finetune.data.audio import FRAME_RATE, BadItem, CodeCache, encode_stereo, load_mimi, read_stereo
+    from finetune.data.build import config_num_codebooks, resolve_assets
+    from finetune.data.dataset import read_manifest
+    from finetune.preflight import check_config_paths
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    config, overrides = parse_cli(argv)
+    if config is None:
+        raise ConfigError("usage: encode_codes.py CONFIG [--section.key=value ...] (the training config)")
+    cfg = load_config(config, overrides)
+    d = cfg.data
+    if d.source != "manifest":
+        raise ConfigError(f"data.source is {d.source!r}: only manifest data has audio to encode")
+    if not d.cache_dir:
+        raise ConfigError("data.cache_dir: set the cache directory to fill (--data.cache_dir=PATH)")
+    check_config_paths(cfg)
+    _, mimi_weights, mimi_config = resolve_assets(cfg)
+    codebooks = config_num_codebooks(cfg)
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    entries = [e for m in (d.train, d.eval) if m for e in read_manifest(m)]
+    cache = CodeCache(d.cache_dir, mimi_weights, codebooks)
     todo = [e for e in entries if not cache.path_for(e.path).is_file()] if entries else []
-    print(f"{len(entries)} files, {len(entries) - len(todo)} already cached in {cache.dir}")
+    print(
+        f"{len(entries)} files, {len(entries) - len(todo)} already cached in {cache.dir} ({codebooks} codebooks)"
+    )
     if not todo:
-        return
-    mimi = load_mimi(args.mimi_weights, args.mimi_config, args.num_codebooks, args.device)
+        return 0
+    mimi = load_mimi(mimi_weights, mimi_config, codebooks, device)
     t0, seconds, failed = time.time(), 0.0, 0
     for e in tqdm(todo, unit="file", disable=None):
         try:
@@ -71,15 +73,14 @@ def main() -> None:
             print(f"skipped: {err}", file=sys.stderr)
             continue
         cache.put(e.path, codes)
-        seconds += codes.shape[1] / 12.5
+        seconds += codes.shape[1] / FRAME_RATE
     dt = time.time() - t0
     print(
         f"encoded {len(todo) - failed} files ({seconds:.0f} s of audio) in {dt:.1f} s "
         f"({seconds / max(dt, 1e-9):.0f}x real time); {failed} failed"
     )
-    if failed:
-        sys.exit(1)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, __doc__)

@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from finetune.data.audio import FRAME_SIZE, SAMPLE_RATE  # noqa: E402
 from finetune.inference import (  # noqa: E402
     load_checkpoint_model,
     read_user_audio,
@@ -42,7 +43,7 @@ from finetune.inference import (  # noqa: E402
 )
 
 
-def _write_wav(path: Path, channels: np.ndarray, sr: int = 24000) -> None:
+def _write_wav(path: Path, channels: np.ndarray, sr: int = SAMPLE_RATE) -> None:
     pcm = (np.clip(channels.T, -1, 1) * 32767).astype("<i2")
     with wave.open(str(path), "wb") as f:
         f.setnchannels(channels.shape[0])
@@ -94,7 +95,7 @@ def main() -> int:
     )
     args.out.mkdir(parents=True, exist_ok=True)
     for b, (path, user) in enumerate(zip(args.inputs, audio)):
-        n = min(int(np.ceil(len(user) / 1920)), res.text_tokens.shape[1])
+        n = min(int(np.ceil(len(user) / FRAME_SIZE)), res.text_tokens.shape[1])
         both = np.zeros((2, len(user)), dtype=np.float32)  # Moshi lags max_delay frames: its tail is silent
         voice = res.audio[b, : len(user)]
         both[0, : len(voice)] = voice

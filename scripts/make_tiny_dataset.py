@@ -37,7 +37,11 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-SR = 24_000
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from finetune.data.audio import SAMPLE_RATE as SR  # noqa: E402
+from finetune.data.audio import tiny_mimi_config  # noqa: E402
+
 VOCAB = (
     "hello yes no maybe today tomorrow morning evening coffee tea music movie weather rain sun "
     "train station ticket city river mountain friend family dinner lunch book story game play "
@@ -153,9 +157,6 @@ def make_mimi(out_dir: Path, audios: list[np.ndarray], num_codebooks: int, seed:
     import torch
     from moshi.models import loaders
     from safetensors.torch import save_file
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from finetune.data.audio import tiny_mimi_config
 
     torch.manual_seed(seed)
     cfg = tiny_mimi_config()

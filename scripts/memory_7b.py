@@ -3,19 +3,14 @@
 
     python scripts/memory_7b.py                                    # the shipped 7B configs, estimated
     python scripts/memory_7b.py configs/moshi7b_lora_ttt.yaml --window 3000 6000 9000
-    python scripts/memory_7b.py configs/moshi7b_lora_ttt.yaml --measure --steps 3   # on a GPU: measured
 
-Without ``--measure`` nothing is allocated: the recipe's model (Moshi-7B's architecture, moshi's
+Nothing is allocated: the recipe's model (Moshi-7B's architecture, moshi's
 own ``_lm_kwargs``, with the config's TTT layers, LoRA and ``model.context``) is built on the meta
 device through the trainer's ``build_model``, which gives exact parameter counts per group, and the
 activations are estimated from the architecture's shapes (bf16 compute, every transformer layer
 checkpointed; breakdown printed). FSDP configs are sharded over ``--gpus``. The estimate leaves out
-the CUDA allocator's fragmentation and library workspaces: measure before a long run.
-
-``--measure`` (one CUDA GPU) builds the same model with random weights in bf16 (trainable weights
-fp32, as the trainer does) and times forward + backward + AdamW steps of one random window at
-batch 1 under bf16 autocast, reporting peak allocated memory and step time. FSDP recipes are
-measured without sharding (what one GPU would hold; their estimate shows the sharded figure).
+the CUDA allocator's fragmentation and library workspaces. On a GPU, measure the same model and
+window with ``scripts/bench_model.py --config CONFIG --T WINDOW`` (peak memory and step time).
 """
 
 from __future__ import annotations
@@ -29,7 +24,6 @@ if not torch.cuda.is_available():
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -63,10 +57,9 @@ class Estimate:
         return sum(self.parts.values())
 
 
-def meta_model(cfg: TrainConfig, device: str = "meta", arch: dict | None = None) -> torch.nn.Module:
-    """The recipe's model with Moshi-7B's architecture (or ``arch``), built on the meta device with
-    the dtypes training would use on ``device``: shapes only."""
-    return build_model(cfg, torch.device(device), base=(dict(arch or _lm_kwargs), None)).model
+def meta_model(cfg: TrainConfig) -> torch.nn.Module:
+    """The recipe's model with Moshi-7B's architecture on the meta device: shapes only."""
+    return build_model(cfg, torch.device("meta"), base=(dict(_lm_kwargs), None)).model
 
 
 def estimate(
@@ -129,70 +122,12 @@ def print_estimate(e: Estimate) -> None:
         print(f"    {k:<52s} {v / GB:7.2f} GB")
 
 
-def measure(
-    cfg: TrainConfig, window: int, steps: int, device: str = "cuda", arch: dict | None = None
-) -> tuple[float, float]:
-    """(peak GB allocated, median step seconds) of AdamW steps on one random window at batch 1 under
-    bf16 autocast, random weights (frozen bf16, trainable fp32 as the trainer has them). The peak is
-    NaN off CUDA (``device="cpu"`` with a small ``arch`` only checks that it runs)."""
-    from finetune.loss import compute_loss, target_weights
-
-    dev = torch.device(device)
-    cuda = dev.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    lm = meta_model(cfg, device, arch)
-    lm.to_empty(device=dev)
-    with torch.no_grad():
-        for n, p in lm.named_parameters():
-            if "norm" in n or p.dim() < 2:
-                p.fill_(1.0)
-            else:
-                p.normal_(0, 0.02)
-            if n.endswith("lora_B.weight"):
-                p.zero_()
-        for _, g in named_ttt_layers(lm):
-            g.init_new_parameters()
-            if hasattr(g, "w_down_pretrained"):
-                g.w_down_pretrained.copy_(g.w_down.float())
-    params = [p for p in lm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    g = torch.Generator().manual_seed(0)
-    text = torch.randint(0, lm.text_card, (1, 1, window), generator=g)
-    audio = torch.randint(0, lm.card, (1, lm.n_q, window), generator=g)
-    codes = torch.cat([text, audio], 1).to(dev)
-    weights = target_weights(codes, list(lm.delays), lm.dep_q, zero_token_id=lm.zero_token_id)
-    times = []
-    lm.train()
-    for _ in range(steps):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.time()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-            out = lm(codes)
-            loss = compute_loss(out, codes, weights).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.time() - t0)
-    times = sorted(times[1:] or times)
-    peak = torch.cuda.max_memory_allocated() / GB if cuda else float("nan")
-    return peak, times[len(times) // 2]
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="*", default=RECIPES)
     p.add_argument("--window", type=int, nargs="+", help="window lengths in steps (default: the config's)")
     p.add_argument("--gpus", type=int, default=8, help="GPUs an FSDP recipe is sharded over")
-    p.add_argument("--measure", action="store_true", help="allocate on the GPU and measure (needs CUDA)")
-    p.add_argument("--steps", type=int, default=3)
     args = p.parse_args()
-    if args.measure and not torch.cuda.is_available():
-        print("error: --measure needs a CUDA GPU", file=sys.stderr)
-        return 2
     for path in args.configs:
         cfg = load_config(
             ROOT / path if not Path(path).is_file() else path, {"model.gradient_checkpointing": True}
@@ -202,10 +137,6 @@ def main() -> int:
             name = Path(path).stem
             est = estimate(cfg, T, args.gpus, name, lm)
             print_estimate(est)
-            if args.measure:
-                peak, step = measure(cfg, T, args.steps)
-                print(f"    measured: peak {peak:.1f} GB allocated, {step:.2f} s per step (B=1, one GPU)")
-                torch.cuda.empty_cache()
     return 0
 
 

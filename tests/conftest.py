@@ -82,3 +82,31 @@ def manifest_data(ds: Path, **extra) -> dict:
     files = {"train": "train.jsonl", "eval": "eval.jsonl", "tokenizer": "tokenizer.model"}
     files |= {"mimi_weights": "mimi.safetensors", "mimi_config": "mimi_config.json"}
     return {"source": "manifest", **{k: str(ds / v) for k, v in files.items()}, **extra}
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_ds, tmp_path_factory):
+    """A tiny LoRA + TTT run (8 steps on tiny_ds; TTT on layer 1, chunk 8) with its checkpoint."""
+    from finetune.args import load_config
+    from finetune.schema import apply_overrides
+    from finetune.trainer import train
+
+    run = tmp_path_factory.mktemp("infer") / "run"
+    base = {
+        "run_dir": str(run),
+        "device": "cpu",
+        "finetune": "lora",
+        "batch_size": 2,
+        "max_steps": 8,
+        "log_interval": 4,
+        "lora": {"rank": 4},
+        "model": {
+            "source": "tiny",
+            "tiny": {"dim": 32, "num_layers": 2, "num_heads": 2, "context": 16, "n_q": 8, "dep_q": 4},
+        },
+        "ttt": {"layers": [1], "chunk_size": 8, "eta": 0.5},
+        "optim": {"lr": 3e-3, "ttt_params_lr": 3e-2},
+        "data": manifest_data(tiny_ds, duration_sec=4.0),
+    }
+    train(load_config(None, apply_overrides(base, {})))
+    return run

@@ -1,4 +1,5 @@
-"""Data pipeline: interleaving, tiny dataset round trip, code cache, bad input, resumable loading."""
+"""Data pipeline: tiny dataset round trip, code cache, bad input, resumable loading (the text stream
+rule is tested in test_interleave.py)."""
 
 import json
 import os
@@ -16,59 +17,10 @@ from finetune.data import BatchPlan, ResumableLoader
 from finetune.data.audio import CodeCache, load_mimi
 from finetune.data.check import check_manifest
 from finetune.data.dataset import CodeSource, ConversationDataset, read_manifest
-from finetune.data.interleave import Interleaver, Word
+from finetune.data.interleave import Interleaver
 
 ROOT = Path(__file__).resolve().parents[1]
 PAD, EPAD = 3, 0
-
-
-class FakeTokenizer:
-    """Each word maps to its listed ids (unknown words: one id per character, 'mute' to none)."""
-
-    table = {"hi": [10], "there": [11, 12], "long": [20, 21, 22, 23, 24], "mute": []}
-
-    def encode(self, word):
-        return self.table.get(word, [30 + (ord(c) % 10) for c in word])
-
-
-def build(words, T, **kw):
-    return Interleaver(FakeTokenizer()).build(words, T, **kw).tolist()
-
-
-# ---------------------------------------------------------------- interleaver
-
-
-def test_silence_is_all_padding():
-    assert build([], 5) == [PAD] * 5
-
-
-def test_word_lands_in_the_frame_its_start_falls_in_with_epad_before():
-    # 12.5 Hz: frame k covers [0.08 k, 0.08 (k+1)).
-    assert build([Word("hi", 0.08, 0.2)], 4) == [EPAD, 10, PAD, PAD]  # exactly on the boundary of frame 1
-    assert build([Word("hi", 0.0799, 0.2)], 4) == [10, PAD, PAD, PAD]  # just before it: frame 0, no EPAD
-    assert build([Word("there", 0.17, 0.5)], 5) == [PAD, EPAD, 11, 12, PAD]
-
-
-def test_overlapping_words_are_delayed_never_dropped():
-    words = [Word("there", 0.0, 0.1), Word("hi", 0.05, 0.3)]  # both start in frame 0
-    assert build(words, 5) == [11, 12, 10, PAD, PAD]
-    # Adjacent words: no EPAD between them.
-    assert build([Word("hi", 0.0, 0.08), Word("hi", 0.08, 0.16)], 3) == [10, 10, PAD]
-
-
-def test_text_longer_than_the_window_is_cut_at_its_end():
-    assert build([Word("long", 0.1, 0.4)], 4) == [EPAD, 20, 21, 22]
-    assert build([Word("hi", 0.0, 0.1), Word("long", 0.25, 1.0)], 4) == [10, PAD, EPAD, 20]
-
-
-def test_window_offset_other_speaker_untokenizable_words_and_padding_tail():
-    words = [
-        Word("hi", 0.1, 0.3),  # before the window: belongs to the previous one
-        Word("there", 0.5, 0.7),  # frame floor((0.5 - 0.32) * 12.5) = 2
-        Word("hi", 0.4, 0.5, speaker="SPEAKER_OTHER"),  # the user: not in Moshi's text stream
-        Word("mute", 0.6, 0.7),  # maps to no token: skipped
-    ]
-    assert build(words, 6, offset=0.32, valid_frames=4) == [PAD, EPAD, 11, 12, -1, -1]
 
 
 # ---------------------------------------------------------------- tiny dataset round trip
@@ -100,15 +52,13 @@ def test_cache_then_batches_of_expected_shapes_and_ids(tiny_ds, tmp_path):
         [
             sys.executable,
             "scripts/encode_codes.py",
-            str(tiny_ds / "train.jsonl"),
-            "--cache",
-            str(tmp_path / "c"),
-            "--mimi-weights",
-            str(tiny_ds / "mimi.safetensors"),
-            "--mimi-config",
-            str(tiny_ds / "mimi_config.json"),
-            "--num-codebooks",
-            "4",
+            "configs/tiny.yaml",  # its model reads 4 codebooks; the same overrides as train.py
+            f"--data.train={tiny_ds / 'train.jsonl'}",
+            "--data.eval=null",
+            f"--data.cache_dir={tmp_path / 'c'}",
+            f"--data.tokenizer={tiny_ds / 'tokenizer.model'}",
+            f"--data.mimi_weights={tiny_ds / 'mimi.safetensors'}",
+            f"--data.mimi_config={tiny_ds / 'mimi_config.json'}",
         ],
         cwd=ROOT,
         capture_output=True,

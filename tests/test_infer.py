@@ -8,40 +8,11 @@ import wave
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
-from conftest import manifest_data
 
 from finetune.inference import load_checkpoint_model, read_user_audio, stream_conversations
-from finetune.schema import apply_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tiny_ds, tmp_path_factory):
-    from finetune.args import load_config
-    from finetune.trainer import train
-
-    run = tmp_path_factory.mktemp("infer") / "run"
-    base = {
-        "run_dir": str(run),
-        "device": "cpu",
-        "finetune": "lora",
-        "batch_size": 2,
-        "max_steps": 8,
-        "log_interval": 4,
-        "lora": {"rank": 4},
-        "model": {
-            "source": "tiny",
-            "tiny": {"dim": 32, "num_layers": 2, "num_heads": 2, "context": 16, "n_q": 8, "dep_q": 4},
-        },
-        "ttt": {"layers": [1], "chunk_size": 8, "eta": 0.5},
-        "optim": {"lr": 3e-3, "ttt_lr": 3e-2},
-        "data": manifest_data(tiny_ds, duration_sec=4.0),
-    }
-    train(load_config(None, apply_overrides(base, {})))
-    return run
 
 
 def _inputs(tiny_ds, n=2, seconds=4.0):

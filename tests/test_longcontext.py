@@ -11,7 +11,7 @@ import torch
 import yaml
 from conftest import manifest_data
 
-from finetune.data.recall import DEF, FIRST_KEY, QRY, RecallTask
+from finetune.data.recall import DEF, FIRST_KEY, QRY, RecallTask, receptive_field
 from finetune.sweep import Sweep, last_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +55,30 @@ def test_recall_values_are_only_recoverable_from_the_same_sequence():
     assert all(len(v) >= 8 for v in mapping.values()) and len(mapping) == 16
     assert min(mapping) >= FIRST_KEY
     assert torch.equal(RecallTask(3, 160, 16, far_min=62)[2], task[2])  # a function of (seed, index)
+
+
+def test_receptive_field_is_how_far_back_attention_reaches():
+    """The recall task puts far queries beyond receptive_field(model): check that the text logits at
+    the last position depend on the transformer's input exactly that far back, and no further."""
+    from moshi.models import LMModel
+
+    from moshi_ttt.tiny import tiny_lm_kwargs
+
+    torch.manual_seed(0)
+    lm = LMModel(**tiny_lm_kwargs(dim=32, num_layers=3, num_heads=2, context=5)).float()
+    T = 30
+    box = {}
+
+    def leaf_input(module, args, kwargs):  # the transformer's input [B, T, d] as a leaf with a gradient
+        box["x"] = args[0].detach().requires_grad_(True)
+        return (box["x"], *args[1:]), kwargs
+
+    lm.transformer.register_forward_pre_hook(leaf_input, with_kwargs=True)
+    lm(torch.randint(0, 20, (1, 1 + lm.n_q, T))).text_logits[0, 0, T - 1].sum().backward()
+    reached = box["x"].grad[0].abs().sum(-1) > 0  # [T]
+    first = int(reached.nonzero().min())
+    assert receptive_field(lm) == T - 1 - first == 12
+    assert reached[first:].all()
 
 
 def test_recall_task_rejects_impossible_layouts():

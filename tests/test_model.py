@@ -433,6 +433,7 @@ def test_rejects_model_without_gated_mlp_and_bad_layers():
         ({"layers": [1, 1]}, "layers"),
         ({"layer_frequency": 0}, "layer_frequency"),
         ({"fast_form": "magic"}, "fast_form"),
+        ({"update_precision": "fp16"}, "update_precision"),
     ],
 )
 def test_config_validation_names_the_field(kwargs, field):

@@ -209,3 +209,13 @@ def test_meta_tensors_pass_through():
     z, v, w0 = (torch.empty(*s, device="meta") for s in ((1, 30, 16), (1, 30, 8), (8, 16)))
     out, wf = ttt_chunked(z, v, w0, 0.1, 8)
     assert out.shape == (1, 30, 8) and out.device.type == "meta" and wf.shape == (1, 8, 16)
+
+
+@pytest.mark.parametrize("form", ["dual", "scan"])
+def test_frozen_w0_gets_no_gradient_and_the_others_are_unchanged(form):
+    z, v, w0 = _inputs(2, 30, 5, 9, shared=True)
+    out, wf = ttt_chunked(z, v, w0, 0.3, 4, form=form)
+    full = torch.autograd.grad(out.sum() + wf.sum(), [z, v])
+    out, wf = ttt_chunked(z, v, w0.detach(), 0.3, 4, form=form)
+    frozen = torch.autograd.grad(out.sum() + wf.sum(), [z, v])
+    assert all(torch.equal(a, b) for a, b in zip(full, frozen))

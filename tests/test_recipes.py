@@ -47,14 +47,3 @@ def test_memory_estimate_counts_the_recipe_on_the_meta_device():
     assert full.parts["frozen weights (bf16)"] == 0 and "FSDP: two gathered layers (bf16)" in full.parts
     ctx = load_config(ROOT / "configs" / "moshi7b_lora_ttt_ctx.yaml")
     assert mem.meta_model(ctx).transformer.layers[0].self_attn.context == 750
-
-
-def test_memory_measurement_runs_training_steps_on_a_small_architecture():
-    # What `--measure` does on a GPU, here on CPU with a tiny architecture: it must run as written.
-    from moshi_ttt.tiny import tiny_lm_kwargs
-
-    mem = _memory_script()
-    cfg = load_config(ROOT / "configs" / "moshi7b_lora_ttt.yaml", {"ttt.layers": [0, 1]})
-    arch = tiny_lm_kwargs(dim=32, num_layers=2, num_heads=2, context=8, n_q=4, dep_q=2)
-    peak, step = mem.measure(cfg, 40, 2, device="cpu", arch=arch)
-    assert step > 0 and peak != peak  # no CUDA peak on CPU

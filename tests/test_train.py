@@ -56,6 +56,11 @@ def losses(run_dir) -> dict[int, float]:
     return out
 
 
+def evals(run_dir) -> dict[int, dict]:
+    recs = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in recs if r["kind"] == "eval"}
+
+
 def final_weights(run_dir) -> dict[str, torch.Tensor]:
     return load_file(str(list_checkpoints(run_dir)[-1][1] / "trainable.safetensors"))
 
@@ -114,6 +119,47 @@ def test_cli_reports_config_errors_and_saves_resolved_config(tmp_path):
         env=env,
     )
     assert bad.returncode == 2 and "unknown key optim.lrr" in bad.stderr
+
+
+def test_the_old_name_of_ttt_params_lr_is_read_with_a_warning(tmp_path, caplog):
+    old = tmp_path / "old.yaml"
+    old.write_text("optim:\n  lr: 1.0e-3\n  ttt_lr: 2.0e-2\n")
+    with caplog.at_level("WARNING", logger="finetune"):
+        assert load_config(old).optim.ttt_params_lr == 0.02
+        assert load_config(None, {"optim.ttt_lr": "3e-2"}).optim.ttt_params_lr == 0.03
+    assert f"{old}: optim.ttt_lr is now called optim.ttt_params_lr" in caplog.text
+    assert "the command line: optim.ttt_lr is now called optim.ttt_params_lr" in caplog.text
+    assert load_config(old, {"optim.ttt_params_lr": "1e-2"}).optim.ttt_params_lr == 0.01  # the override wins
+    old.write_text("optim:\n  ttt_params_lr: 1.0e-2\n  ttt_lr: 2.0e-2\n")
+    with pytest.raises(ConfigError, match="optim.ttt_lr is the old name of optim.ttt_params_lr; give only"):
+        load_config(old)
+
+
+def test_keys_fixed_on_resume_are_marked_where_they_are_declared(caplog):
+    from finetune.args import check_resume_compatible
+    from finetune.schema import fixed_on_resume_keys, to_dict
+
+    fixed = set(fixed_on_resume_keys(TrainConfig))
+    # Shapes, the trained parameter set, the training data and its order: refused.
+    assert {"model.tiny", "lora.rank", "finetune", "ttt.layers", "ttt.variant", "ttt.train_w_down"} <= fixed
+    assert {"seed", "batch_size", "data.train", "data.text_overlap", "data.recall.pairs"} <= fixed
+    # How the same parameters train or run, where the assets are, the held-out set: a warning.
+    allowed = {"optim.lr", "optim.ttt_params_lr", "ttt.eta", "ttt.chunk_size", "max_steps", "precision"}
+    allowed |= {"model.gradient_checkpointing", "data.eval", "data.cache_dir", "data.recall.num_eval"}
+    assert not fixed & allowed
+
+    def config(**over) -> dict:
+        return to_dict(from_dict(TrainConfig, _flatten({"data.source": "recall", **over}, {})))
+
+    saved = config()
+    for key, value in (("data.recall.pairs", 2), ("data.text_overlap", "delay"), ("ttt.mlp_heads", 2)):
+        with pytest.raises(
+            ConfigError, match=f"cannot resume: the checkpoint was trained with different {key};"
+        ):
+            check_resume_compatible(saved, config(**{key: value}), 1, 1)
+    with caplog.at_level("WARNING", logger="finetune"):
+        check_resume_compatible(saved, config(**{"model.gradient_checkpointing": True}), 1, 1)
+    assert "resuming with changed settings: model.gradient_checkpointing: False -> True" in caplog.text
 
 
 # ---------------------------------------------------------------- training and resume
@@ -181,6 +227,27 @@ def test_resume_refuses_shape_changes_and_warns_on_lr(tmp_path, capsys):
         train(tiny_cfg(tmp_path / "r", resume="never"))
 
 
+def test_a_run_saved_with_the_old_ttt_lr_key_loads_and_resumes(tmp_path, capsys):
+    from finetune.inference import load_checkpoint_model
+
+    run = tmp_path / "r"
+    train(tiny_cfg(run, max_steps=3, **{"optim.ttt_params_lr": 2e-3}))
+    # The files as an earlier version wrote them: optim.ttt_lr in the run's and the checkpoint's config.
+    for f in [run / "config.yaml", *run.glob("checkpoints/step_*/config.yaml")]:
+        d = yaml.safe_load(f.read_text())
+        d["optim"] = {("ttt_lr" if k == "ttt_params_lr" else k): v for k, v in d["optim"].items()}
+        f.write_text(yaml.safe_dump(d, sort_keys=False))
+    ckpt = list_checkpoints(run)[-1][1]
+    assert load_checkpoint_model(ckpt, with_codec=False).cfg.optim.ttt_params_lr == 2e-3
+    train(load_config(run / "config.yaml", {"max_steps": "4"}))  # what `train.py run/config.yaml` does
+    out = "".join(capsys.readouterr())
+    assert "optim.ttt_lr is now called optim.ttt_params_lr" in out
+    assert f"resumed from {ckpt} at step 3" in out
+    assert "resuming with changed settings: max_steps: 3 -> 4\n" in out  # the lrs read as unchanged
+    assert "learning rate of group" not in out
+    assert sorted(losses(run)) == [1, 2, 3, 4]
+
+
 def test_sigkill_mid_training_resumes_with_checkpoints_intact(tmp_path):
     run = tmp_path / "killed"
     args = [
@@ -227,6 +294,18 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
         train(cfg)
     rec = [json.loads(x) for x in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
     assert [r["in_a_row"] for r in rec if r["kind"] == "skip"] == [1, 2, 3]
+
+
+def test_bf16_autocast_on_cpu_trains_with_either_update_precision(tmp_path):
+    """precision: bf16 runs CPU autocast (how the recall task checks bf16 update math on CPU)."""
+    runs = {}
+    for prec in ("fp32", "bf16"):
+        train(tiny_cfg(tmp_path / prec, max_steps=4, precision="bf16", **{"ttt.update_precision": prec}))
+        runs[prec] = losses(tmp_path / prec)
+    assert all(torch.isfinite(torch.tensor(list(r.values()))).all() for r in runs.values())
+    assert runs["fp32"][1] == runs["bf16"][1]  # the target path starts at zero: no TTT term yet
+    assert runs["fp32"][4] != runs["bf16"][4]  # afterwards the setting is in effect...
+    assert runs["fp32"][4] == pytest.approx(runs["bf16"][4], rel=1e-2)  # ...at bf16 rounding level
 
 
 # ---------------------------------------------------------------- modes and exports
@@ -359,6 +438,10 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     }
     for s in grad:  # clipping uses the global norm over all ranks
         assert grad2[s] == pytest.approx(grad[s], rel=1e-4), s
+    ev1, ev2 = evals(one), evals(two)  # the final evaluation: the same 4 items, split 1 x 2x2 or 2 x 2x1
+    assert sorted(ev1) == sorted(ev2) == [4]
+    for k in ("loss", "text_nll", "audio_nll", "ppl"):
+        assert ev2[4][k] == pytest.approx(ev1[4][k], rel=1e-5), k
     ck = list_checkpoints(two)[-1][1]
     assert (ck / "ttt.safetensors").is_file() and (ck / "moshi" / "model.safetensors").is_file()
     if strategy == "fsdp":
@@ -441,7 +524,7 @@ def test_bad_local_checkpoint_is_a_clear_error(tmp_path):
         "model.config_path": str(base_dir / "config.json"),
         "model.moshi_weights": str(tmp_path / "nope.safetensors"),
     }
-    with pytest.raises(FileNotFoundError, match="model.moshi_weights: .*nope.safetensors does not exist"):
+    with pytest.raises(ConfigError, match="model.moshi_weights: .*nope.safetensors does not exist"):
         train(tiny_cfg(tmp_path / "x", **over))
     raw = json.loads((base_dir / "config.json").read_text())
     raw["dim"] = 48  # a config that does not match the weights
@@ -457,13 +540,13 @@ def test_bad_local_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_a_run_directory_in_use_is_refused(tmp_path):
-    from finetune.trainer import _lock_run_dir
+    from finetune.checkpointing import lock_run_dir
 
     run = tmp_path / "busy"
     run.mkdir()
-    held = _lock_run_dir(run)
+    held = lock_run_dir(run)
     try:
-        with pytest.raises(RuntimeError, match="is in use by another training process"):
+        with pytest.raises(ConfigError, match="is in use by another training process"):
             train(tiny_cfg(run, max_steps=1))
         assert not (run / "checkpoints").exists()
     finally:
@@ -483,3 +566,11 @@ def test_ttt_mlp_variant_trains_resumes_and_exports(tmp_path):
     assert tr["ttt/layer1/gate"] != 0.0 and "ttt/layer1/update_norm" in tr  # the gate moved off 0
     with pytest.raises(ConfigError, match="ttt.variant"):
         train(tiny_cfg(tmp_path / "m", **{**over, "ttt.variant": "inplace"}))
+
+
+def test_readme_parameter_table_is_what_the_code_prints():
+    from finetune.model import build_model, param_table
+
+    table = param_table(build_model(load_config(ROOT / "configs/tiny.yaml"), torch.device("cpu")).model)
+    readme = (ROOT / "README.md").read_text()
+    assert f"```\n{table}\n```" in readme, "regenerate the README's table from finetune.model.param_table"

@@ -91,6 +91,12 @@ def encode_stereo(mimi, wav: np.ndarray) -> torch.Tensor:
     return codes.reshape(-1, codes.shape[-1]).cpu().long()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def file_digest(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -125,6 +131,24 @@ class CodeCache:
             return None
         return load_file(str(p))["codes"].long()
 
+    def explain_miss(self, audio: str | Path) -> str:
+        """Why ``audio`` is not in the cache: encoded with other settings, or not encoded at all."""
+        name = self.path_for(audio).name
+        mimi, _, q = self.dir.name.rpartition("-q")
+        for other in sorted(self.root.glob("*-q*")) if self.root.is_dir() else []:
+            if other == self.dir or not (other / name).is_file():
+                continue
+            other_mimi, _, other_q = other.name.rpartition("-q")
+            why = []
+            if other_q != q:
+                why.append(f"{other_q} codebooks, this model reads {q}")
+            if other_mimi != mimi:
+                why.append("other Mimi weights than data.mimi_weights")
+            return f"the cache holds its codes for other settings ({'; '.join(why)}) in {other}"
+        if self.dir.is_dir() and any(self.dir.iterdir()):
+            return "the cache has other files' codes only (or this file changed since it was encoded)"
+        return "the cache holds nothing for this Mimi and codebook count yet"
+
     def put(self, audio: str | Path, codes: torch.Tensor) -> Path:
         p = self.path_for(audio)
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -132,6 +156,7 @@ class CodeCache:
         os.close(fd)
         try:
             save_file({"codes": codes.to(torch.int32).contiguous()}, tmp, metadata={"source": str(audio)})
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; cache files get the usual mode
             os.replace(tmp, p)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -1,7 +1,10 @@
-"""Building the manifest datasets of a training config."""
+"""The datasets of a training config: :func:`build_datasets` dispatches on ``data.source``
+(``synthetic``, ``recall``, or ``manifest``: the conversation datasets built here)."""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import sentencepiece
@@ -9,6 +12,54 @@ import sentencepiece
 from ..schema import ConfigError
 from .dataset import CodeSource, ConversationDataset, read_manifest
 from .interleave import Interleaver
+from .recall import recall_datasets
+from .synthetic import synthetic_datasets
+
+logger = logging.getLogger(__name__)
+
+
+def build_datasets(cfg, model):
+    """(train, eval) datasets of ``cfg.data.source`` for moshi ``model``; eval None: no held-out data."""
+    if cfg.data.source == "synthetic":
+        return synthetic_datasets(cfg, model)
+    if cfg.data.source == "recall":
+        return recall_datasets(cfg, model)
+    return conversation_datasets(cfg, model)
+
+
+def report_windows(cfg, model, train_set) -> None:
+    """Log how the training windows compare with the attention window (conversation datasets), and
+    warn when much of them is padding or few reach past the attention window."""
+    stats_of = getattr(train_set, "window_stats", None)
+    if stats_of is None:
+        return
+    context = model.transformer.layers[0].self_attn.context or cfg.data.num_frames
+    s = stats_of(context)
+    logger.info(
+        "data: %d windows of %d steps (%.0f s); %.0f%% of their frames are padding; %.0f%% hold more "
+        "than the attention window (%d steps)",
+        s["windows"],
+        cfg.data.num_frames,
+        cfg.data.duration_sec,
+        100 * s["padding"],
+        100 * s["beyond_context"],
+        context,
+    )
+    if s["padding"] > 0.25:
+        logger.warning(
+            "%.0f%% of the training frames are padding: the loss ignores them but every layer still "
+            "computes them. Conversations are shorter than data.duration_sec; shorten the windows, or "
+            "train on longer conversations (see the README's long-context recipes)",
+            100 * s["padding"],
+        )
+    if cfg.ttt.enabled and s["beyond_context"] < 0.5:
+        logger.warning(
+            "only %.0f%% of the windows hold more than the attention window (%d steps): elsewhere "
+            "attention already sees everything a TTT fast weight could carry; use longer windows "
+            "(data.duration_sec) and conversations, or a shorter model.context",
+            100 * s["beyond_context"],
+            context,
+        )
 
 
 def resolve_assets(cfg) -> tuple[str, str, str | None]:
@@ -43,11 +94,46 @@ def load_tokenizer(path: str, model) -> sentencepiece.SentencePieceProcessor:
     return sp
 
 
+def num_codebooks(n_q: int, dep_q: int) -> int:
+    """Mimi codebooks per channel of a Moshi with ``n_q`` audio streams, ``dep_q`` of them its own."""
+    return max(dep_q, n_q - dep_q)
+
+
+def config_num_codebooks(cfg) -> int:
+    """The Mimi codebook count the configured model reads, from its config alone (no weights)."""
+    m = cfg.model
+    init = None
+    if m.init_from:  # a full fine-tune's own config.json describes the architecture
+        from ..mf_compat import init_from_files
+
+        init = init_from_files(m.init_from)
+    if init is not None and init.full is not None:
+        kw = init.config
+    elif m.source == "tiny":
+        from moshi_ttt.tiny import tiny_lm_kwargs
+
+        kw = tiny_lm_kwargs(**m.tiny)
+    else:
+        if m.config_path:
+            from moshi.models import loaders
+
+            path = Path(loaders.hf_get(m.config_path))
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(m.hf_repo, "config.json"))
+        kw = json.loads(path.read_text())
+    try:
+        return num_codebooks(int(kw["n_q"]), int(kw["dep_q"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"the model config has no usable n_q / dep_q ({e})") from None
+
+
 def conversation_datasets(cfg, model):
     tokenizer, mimi, mimi_config = resolve_assets(cfg)
     sp = load_tokenizer(tokenizer, model)
-    num_codebooks = max(model.dep_q, model.n_q - model.dep_q)
-    if 2 * num_codebooks != model.n_q:
+    codebooks = num_codebooks(model.n_q, model.dep_q)
+    if 2 * codebooks != model.n_q:
         raise ConfigError(
             f"manifest data needs a model with n_q = 2 x Mimi codebooks (Moshi + user), got n_q={model.n_q}, "
             f"dep_q={model.dep_q}"
@@ -57,8 +143,9 @@ def conversation_datasets(cfg, model):
         text_padding_id=model.text_padding_token_id,
         end_of_text_padding_id=model.end_of_text_padding_id,
         zero_token_id=model.zero_token_id,
+        overlap=cfg.data.text_overlap,
     )
-    source = CodeSource(mimi, mimi_config, num_codebooks, cfg.data.cache_dir)
+    source = CodeSource(mimi, mimi_config, codebooks, cfg.data.cache_dir)
     train = ConversationDataset(read_manifest(cfg.data.train), cfg.data.num_frames, interleaver, source)
     evals = None
     if cfg.data.eval:

@@ -23,10 +23,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from ..schema import ConfigError
 from .audio import FRAME_RATE, BadItem, CodeCache, encode_stereo, load_mimi, read_stereo
 from .interleave import Interleaver, parse_alignments
 
 logger = logging.getLogger(__name__)
+
+_MAX_WARNED = 10  # bad manifest lines warned about one by one
 
 
 @dataclass(frozen=True)
@@ -35,28 +38,67 @@ class Entry:
     duration: float
 
 
-def read_manifest(manifest: str | Path) -> list[Entry]:
-    """Entries of a jsonl manifest; ValueError naming the line for malformed ones."""
+def parse_manifest_line(raw: bytes, where: str, base: Path) -> Entry:
+    """One manifest line (bytes) as an Entry; BadItem naming ``where`` (``file:line``) and the reason."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadItem(
+            f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+            "manifests are UTF-8 text"
+        ) from None
+    try:
+        item = json.loads(line)
+        path, duration = item["path"], item["duration"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise BadItem(
+            f'{where}: malformed line, expected {{"path": ..., "duration": seconds}}: {line[:80]!r}'
+        ) from None
+    if not isinstance(path, str) or not path:
+        raise BadItem(f"{where}: path must be a non-empty string, got {path!r}")
+    if (
+        not isinstance(duration, (int, float))
+        or isinstance(duration, bool)
+        or not math.isfinite(duration)
+        or duration <= 0
+    ):
+        raise BadItem(f"{where}: duration must be a positive number of seconds, got {duration!r}")
+    p = Path(path)
+    return Entry(p if p.is_absolute() else base / p, float(duration))
+
+
+def scan_manifest(manifest: str | Path) -> tuple[list[Entry], list[str]]:
+    """(usable entries, problems of the other lines) of a jsonl manifest; ConfigError if it is missing."""
     manifest = Path(manifest)
     if not manifest.is_file():
-        raise FileNotFoundError(f"manifest not found: {manifest}")
-    entries = []
-    for n, line in enumerate(manifest.read_text().splitlines(), 1):
-        if not line.strip():
+        raise ConfigError(f"manifest not found: {manifest}")
+    entries, problems = [], []
+    for n, raw in enumerate(manifest.read_bytes().splitlines(), 1):
+        if not raw.strip():
             continue
         try:
-            item = json.loads(line)
-            path, duration = item["path"], float(item["duration"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(
-                f'{manifest}:{n}: expected a JSON object {{"path": ..., "duration": seconds}}, got {line[:80]!r}'
-            ) from e
-        if not math.isfinite(duration) or duration <= 0:
-            raise ValueError(f"{manifest}:{n}: duration must be a positive number of seconds, got {duration}")
-        p = Path(path)
-        entries.append(Entry(p if p.is_absolute() else manifest.parent / p, duration))
+            entries.append(parse_manifest_line(raw, f"{manifest}:{n}", manifest.parent))
+        except BadItem as e:
+            problems.append(str(e))
+    return entries, problems
+
+
+def read_manifest(manifest: str | Path, warn: bool = True) -> list[Entry]:
+    """The usable entries of a jsonl manifest; bad lines (not UTF-8, malformed, bad duration) are skipped,
+    with a warning naming the line when ``warn``. ConfigError if the file is missing or no line is usable."""
+    entries, problems = scan_manifest(manifest)
+    if warn:
+        for p in problems[:_MAX_WARNED]:
+            logger.warning("skipping a bad manifest line: %s", p)
+        if len(problems) > _MAX_WARNED:
+            logger.warning(
+                "%s: %d more bad lines skipped (scripts/check_dataset.py lists every one)",
+                manifest,
+                len(problems) - _MAX_WARNED,
+            )
     if not entries:
-        raise ValueError(f"{manifest}: no entries")
+        first = f" (first problem: {problems[0]})" if problems else ""
+        raise ConfigError(f"{manifest}: no usable entries{first}")
     return entries
 
 
@@ -69,7 +111,9 @@ def load_words(audio: Path):
     if not p.is_file():
         raise BadItem(f"{audio}: alignment file {p.name} not found (run scripts/annotate.py)")
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_bytes())
+    except UnicodeDecodeError as e:
+        raise BadItem(f"{p}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
     except json.JSONDecodeError as e:
         raise BadItem(f"{p}: not valid JSON ({e})") from e
     try:
@@ -94,6 +138,7 @@ class CodeSource:
         self.cache = CodeCache(cache_dir, mimi_weights, num_codebooks) if cache_dir else None
         self._mimi = None
         self._recent: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._miss_reported = False
 
     def __getstate__(self):  # DataLoader workers load their own Mimi
         state = dict(self.__dict__)
@@ -117,6 +162,16 @@ class CodeSource:
             return self._recent[key]
         codes = self.cache.get(audio) if self.cache is not None else None
         if codes is None:
+            if self.cache is not None and not self._miss_reported:
+                self._miss_reported = True  # once: every later miss has the same cause
+                logger.warning(
+                    "%s is not in the code cache %s: %s. Encoding while reading (Mimi on every new file is "
+                    "slow); fill the cache once with: python scripts/encode_codes.py CONFIG [the same "
+                    "--key=value overrides as train.py]",
+                    audio,
+                    self.cache.dir,
+                    self.cache.explain_miss(audio),
+                )
             codes = self.encode(audio)
             if self.cache is not None:
                 self.cache.put(audio, codes)

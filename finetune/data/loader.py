@@ -11,9 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..distributed import all_gather_object
+from ..schema import ConfigError
 
 
 @dataclass
@@ -27,7 +31,7 @@ class BatchPlan:
 
     def __post_init__(self) -> None:
         if self.batches_per_epoch < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"the dataset has {self.num_items} items, fewer than one global batch of "
                 f"{self.batch_size} x {self.world_size} processes; add data or lower batch_size"
             )
@@ -65,12 +69,16 @@ class _EpochSampler(Sampler[list[int]]):
 @dataclass
 class Batch:
     codes: torch.Tensor | None  # [b, K, T]: the valid items (None if every item was bad)
-    skipped: int  # items of this batch skipped as bad
+    bad: list[int]  # positions in the batch of the items skipped as bad
+
+    @property
+    def skipped(self) -> int:
+        return len(self.bad)
 
 
 def collate_codes(items: list[torch.Tensor | None]) -> Batch:
     valid = [x for x in items if x is not None]
-    return Batch(torch.stack(valid, 0) if valid else None, len(items) - len(valid))
+    return Batch(torch.stack(valid, 0) if valid else None, [i for i, x in enumerate(items) if x is None])
 
 
 class ResumableLoader:
@@ -79,24 +87,33 @@ class ResumableLoader:
     def __init__(self, dataset: Dataset, plan: BatchPlan, num_workers: int = 0) -> None:
         self.dataset, self.plan, self.num_workers = dataset, plan, num_workers
         self.epoch, self.step = 0, 0
-        self.skipped = 0  # bad items skipped so far (all epochs)
+        self.skipped_items: set[int] = set()  # dataset indices of the bad items met so far
 
-    def state_dict(self) -> dict[str, int]:
+    @property
+    def skipped(self) -> int:
+        """Distinct bad items this process has met (an item skipped in every epoch counts once)."""
+        return len(self.skipped_items)
+
+    def skipped_all_ranks(self) -> int:
+        """Distinct bad items met by any process (a collective: every rank calls it)."""
+        return len(set().union(*all_gather_object(self.skipped_items)))
+
+    def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
             "step": self.step,
             "num_items": self.plan.num_items,
-            "skipped": self.skipped,
+            "skipped_items": sorted(self.skipped_items),
         }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("num_items", self.plan.num_items) != self.plan.num_items:
-            raise ValueError(
-                f"the saved data position is for a dataset of {state['num_items']} items, this one has "
-                f"{self.plan.num_items}; resume with the same data"
+            raise ConfigError(
+                f"cannot resume: the saved data position is for a dataset of {state['num_items']} items, "
+                f"this one has {self.plan.num_items}; resume with the same data, or start a new run_dir"
             )
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
-        self.skipped = int(state.get("skipped", 0))
+        self.skipped_items = {int(i) for i in state.get("skipped_items", [])}
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         while True:
@@ -111,8 +128,10 @@ class ResumableLoader:
                 persistent_workers=False,
             )
             for batch in loader:
+                if batch.bad:  # batches come in the sampler's order, so this is the batch's indices
+                    indices = self.plan.indices(self.epoch, self.step)
+                    self.skipped_items.update(indices[i] for i in batch.bad)
                 self.step += 1
-                self.skipped += batch.skipped
                 if batch.codes is None:
                     continue
                 valid_in_epoch += 1
@@ -128,7 +147,7 @@ class ResumableLoader:
 def eval_plan(num_items: int, batch_size: int, rank: int, world_size: int) -> BatchPlan:
     """Unshuffled evaluation batches; a held-out set smaller than one global batch gets smaller batches."""
     if num_items < world_size:
-        raise ValueError(
+        raise ConfigError(
             f"the evaluation set has {num_items} items, fewer than the {world_size} processes; "
             "add evaluation data or set eval.interval=0"
         )

@@ -9,9 +9,9 @@ The value of a query is the target whose accuracy and loss are reported per dist
 definition's value to the query's value). Keys are distinct within a sequence and values are drawn
 afresh for every sequence, so a value can only be recovered from earlier in the same sequence; a near
 query's value is within one attention window (``context`` steps) of its definition, a far query's
-at least ``far_min`` steps after it: beyond the whole stack's receptive field (``num_layers x
-(context - 1)``, as the trainer sets it), so only something that carries information past the window,
-like TTT fast weights, can answer it. Between events the text
+at least ``far_min`` steps after it: beyond the whole stack's receptive field
+(:func:`receptive_field`, as :func:`recall_datasets` sets it), so only something that carries
+information past the window, like TTT fast weights, can answer it. Between events the text
 stream holds PAD, and the audio codebooks hold silence (a constant code), so the task lives in the
 text stream only. Items are functions of ``(seed, index)``.
 """
@@ -22,6 +22,9 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset
+
+from ..schema import ConfigError
+from .synthetic import EVAL_SEED_OFFSET
 
 DEF, QRY = 4, 5
 FIRST_KEY = 6
@@ -126,3 +129,41 @@ class RecallTask(Dataset):
         text, _ = self.layout(index)
         audio = torch.full((self.n_q, self.num_frames), self.silence, dtype=torch.long)
         return torch.cat([text[None], audio], 0)
+
+
+def attention_window(lm) -> int | None:
+    """The attention window of moshi ``lm``'s main transformer, in steps (None: unlimited)."""
+    return lm.transformer.layers[0].self_attn.context
+
+
+def receptive_field(lm) -> int | None:
+    """How far back (steps) moshi ``lm`` can see through attention alone: each layer reaches
+    ``context - 1`` steps further back than the layer below, so ``num_layers * (context - 1)``;
+    None when attention is unlimited."""
+    context = attention_window(lm)
+    return None if context is None else len(lm.transformer.layers) * (context - 1)
+
+
+def recall_datasets(cfg, model) -> tuple[RecallTask, RecallTask]:
+    """Train and eval recall sets of a training config (``data.recall``) for moshi ``model``: far
+    queries lie beyond the model's receptive field."""
+    receptive = receptive_field(model)
+    if receptive is None:
+        raise ConfigError(
+            "data.source recall: the task needs a model with a limited attention window (model.tiny.context)"
+        )
+    r = cfg.data.recall
+    common = dict(
+        num_frames=cfg.data.num_frames,
+        context=attention_window(model),
+        far_min=receptive + 2,
+        num_keys=r.num_keys,
+        num_values=r.num_values,
+        pairs=r.pairs,
+        text_card=model.text_card,
+        text_padding_id=model.text_padding_token_id,
+        n_q=model.n_q,
+    )
+    train = RecallTask(r.num_train, seed=cfg.seed, **common)
+    evals = RecallTask(r.num_eval, seed=cfg.seed + EVAL_SEED_OFFSET, **common)
+    return train, evals

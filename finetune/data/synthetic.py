@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
+# The held-out split of a generated task is the same generator with seed + this offset.
+EVAL_SEED_OFFSET = 7919
+
 
 class SyntheticCodes(Dataset):
     def __init__(
@@ -49,3 +52,17 @@ class SyntheticCodes(Dataset):
         noisy = torch.rand(self.n_q, T, generator=g) < self.noise
         audio = torch.where(noisy, torch.randint(0, self.card, (self.n_q, T), generator=g), audio)
         return torch.cat([text[None], audio], 0).long()  # [1 + n_q, T]
+
+
+def synthetic_datasets(cfg, model) -> tuple[SyntheticCodes, SyntheticCodes]:
+    """Train and eval sets of a training config (``data.synthetic``) shaped for moshi ``model``."""
+    common = dict(
+        num_frames=cfg.data.num_frames,
+        n_q=model.n_q,
+        card=model.card,
+        text_card=model.text_card,
+        text_padding_id=model.text_padding_token_id,
+    )
+    train = SyntheticCodes(cfg.data.synthetic.num_train, seed=cfg.seed, **common)
+    evals = SyntheticCodes(cfg.data.synthetic.num_eval, seed=cfg.seed + EVAL_SEED_OFFSET, **common)
+    return train, evals

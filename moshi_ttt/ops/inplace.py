@@ -28,25 +28,43 @@ in the dual form, the small ``[L, r0]`` score tiles) and recomputes the rest in 
 backward recomputes the states in a forward sweep and accumulates the suffix gradient in a reverse
 sweep, so its memory stays at two ``[B, d, h]`` buffers whatever the length.
 
-All fast-weight math runs in float32 (float64 if any input is float64); ``out`` comes back in
-``z``'s dtype and ``w_final`` in the compute dtype. The one exception is the base term ``Z W0^T``,
-which is exactly Moshi's own ``linear_out`` and is computed the way that layer would be: in ``z``'s
-dtype when ``z`` is bf16 or fp16 (bf16 autocast, or a bf16 model), in the compute dtype otherwise.
-So a TTT layer whose update is zero reproduces the base model bit for bit in bf16 too, and the
-``[T, h] x [h, d]`` product, the largest of the layer, runs on the GPU's low-precision units;
-everything that touches the update (``eta``, ``Z Z^T``, ``V``, states, ``w_final``) stays float32.
+Precision (``precision``, the layer's ``TTTConfig.update_precision``). Whatever accumulates across
+tiles (``out``, the gradients ``dz`` / ``dv``, the scan state and its gradient, ``w_final``) is
+float32 (float64 if any input is float64), whatever the inputs' dtype: a tiny per-chunk update never
+meets a bf16 accumulator. The *products* feeding those sums run
+
+- ``"fp32"``: with float32 operands (TF32 tensor cores if ``torch.backends.cuda.matmul.allow_tf32``);
+- ``"bf16"``: when ``z`` is bf16 or fp16 (bf16 autocast, or a bf16 model), with bfloat16 operands
+  and float32 accumulation and results, the precision of a tensor-core GEMM. The inputs are
+  already bf16 then, so what this rounds in addition is the intermediate operands: the score tiles
+  ``Z Z^T``, their gradients, ``eta * dO`` and the scan state where it enters a product (the state
+  itself stays float32). With float32 inputs it computes exactly what ``"fp32"`` does.
+
+On CUDA the bf16 products are ``torch.bmm(..., out_dtype=torch.float32)``; elsewhere they are
+emulated exactly (bf16-rounded operands multiplied in float32: a product of two bf16 numbers is exact
+in float32), so CPU tests measure the numerics the GPU runs, up to the order of summation. ``out``
+comes back in ``z``'s dtype and ``w_final`` in float32.
+
+The base term ``Z W0^T`` is exactly Moshi's own ``linear_out`` and is computed the way that layer
+would be: in ``z``'s dtype when ``z`` is bf16 or fp16, in the compute dtype otherwise. So a TTT layer
+whose update is zero reproduces the base model bit for bit in bf16 too, whatever ``precision``.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch.nn import functional as F
 
 from .common import no_autocast
 
-__all__ = ["ttt_reference", "ttt_chunked", "choose_form", "base_term"]
+__all__ = ["ttt_reference", "ttt_chunked", "choose_form", "base_term", "PRECISIONS"]
+
+logger = logging.getLogger(__name__)
 
 _MIN_TILE = 64
+PRECISIONS = ("fp32", "bf16")  # operands of the update math's products (see the module docstring)
 
 
 def _check_inputs(
@@ -144,43 +162,82 @@ def base_term(z: torch.Tensor, w0: torch.Tensor, cdt: torch.dtype = torch.float3
     return _base(z.to(bdt), w0.to(bdt))
 
 
+class _Products:
+    """The products of the update math at one precision (module docstring, "Precision").
+
+    ``op(t)`` is ``t`` as a product operand; ``mm(a, b)`` the batched product of two operands, in the
+    compute dtype. In bf16 mode, CUDA (and meta) multiply bf16 operands into float32 results; other
+    devices hold the operands as bf16-rounded float32 values and multiply in float32, which is the
+    same arithmetic."""
+
+    native_failed: bool = False  # set if this torch build refuses out_dtype: emulate from then on
+
+    def __init__(self, precision: str, z: torch.Tensor, cdt: torch.dtype) -> None:
+        self.cdt = cdt
+        self.low = precision == "bf16" and z.dtype in (torch.bfloat16, torch.float16) and cdt == torch.float32
+        self.native = self.low and z.device.type in ("cuda", "meta") and not _Products.native_failed
+
+    def op(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.low:
+            return t.to(self.cdt)
+        t = t.to(torch.bfloat16)
+        return t if self.native else t.to(self.cdt)
+
+    def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.native:
+            try:
+                return torch.bmm(a, b, out_dtype=torch.float32)
+            except (RuntimeError, NotImplementedError, TypeError) as e:
+                if not _Products.native_failed:
+                    logger.warning("bf16 products into float32 failed (%s); emulating them in float32", e)
+                _Products.native_failed = True  # the same numbers at float32 speed
+                self.native = False
+        return torch.bmm(a.to(self.cdt), b.to(self.cdt))  # no-ops unless a native product just failed
+
+    def saved(self, t: torch.Tensor) -> torch.Tensor:
+        """How a score tile is kept for backward: bf16 in bf16 mode (half the memory, no extra
+        rounding: it is an operand already), else as it is."""
+        return t.to(torch.bfloat16) if self.low else t
+
+
 class _TTTChunkedFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, v, w0, eta, chunk_size, form, return_final):  # type: ignore[override]
+    def forward(ctx, z, v, w0, eta, chunk_size, form, return_final, precision):  # type: ignore[override]
         B, T, h = z.shape
         d = v.shape[2]
         cdt = _compute_dtype(z, v, w0)
-        zf, vf = z.to(cdt), v.to(cdt)
+        P = _Products(precision, z, cdt)
+        zo, vo = P.op(z), P.op(v)  # [B, T, h], [B, T, d] as product operands
         tile = _tile_size(chunk_size)
         out = base_term(z, w0, cdt).to(cdt)  # [B, T, d]
-        S = zf.new_zeros(B, d, h) if form == "scan" else None
+        S = z.new_zeros(B, d, h, dtype=cdt) if form == "scan" else None
         scores = []  # dual form: score tiles Z_r Z_<r^T, reused in backward
         for a in range(0, T, tile):
             b = min(T, a + tile)
-            zr, vr = zf[:, a:b], vf[:, a:b]  # [B, L, h], [B, L, d]
+            zr, vr = zo[:, a:b], vo[:, a:b]  # [B, L, h], [B, L, d]
             acc = None
             if a > 0:
                 if form == "dual":
-                    A = torch.bmm(zr, zf[:, :a].transpose(1, 2))  # [B, L, a]
-                    scores.append(A)
-                    acc = torch.bmm(A, vf[:, :a])  # [B, L, d]
+                    A = P.op(P.mm(zr, zo[:, :a].transpose(1, 2)))  # [B, L, a]
+                    scores.append(P.saved(A))
+                    acc = P.mm(A, vo[:, :a])  # [B, L, d]
                 else:
-                    acc = torch.bmm(zr, S.transpose(1, 2))  # [B, L, d]
+                    acc = P.mm(zr, P.op(S).transpose(1, 2))  # [B, L, d]
             M = _intra_mask(b - a, chunk_size, z.device)
             if M is not None:
-                intra = torch.bmm(torch.bmm(zr, zr.transpose(1, 2)) * M, vr)
+                intra = P.mm(P.op(P.mm(zr, zr.transpose(1, 2)) * M), vr)
                 acc = intra if acc is None else acc + intra
             if acc is not None:
                 out[:, a:b] += eta * acc
             if S is not None:
-                S += torch.bmm(vr.transpose(1, 2), zr)  # [B, d, h]
+                S += P.mm(vr.transpose(1, 2), zr)  # [B, d, h]
         w_final = None
         if return_final:
             if S is None:
-                S = torch.bmm(vf.transpose(1, 2), zf)
+                S = P.mm(vo.transpose(1, 2), zo)
             w_final = w0.to(cdt).expand(B, d, h) + eta * S
         ctx.save_for_backward(z, v, w0, *scores)
-        ctx.cfg = (eta, chunk_size, form, cdt)
+        ctx.cfg = (eta, chunk_size, form, cdt, precision)
         if w_final is None:
             return out.to(z.dtype)
         return out.to(z.dtype), w_final
@@ -193,64 +250,70 @@ class _TTTChunkedFn(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, g_out, g_final):
         z, v, w0, *scores = ctx.saved_tensors
-        eta, chunk_size, form, cdt = ctx.cfg
+        eta, chunk_size, form, cdt, precision = ctx.cfg
         B, T, h = z.shape
         d = v.shape[2]
-        zf, vf = z.to(cdt), v.to(cdt)
-        g = g_out.to(cdt)
+        P = _Products(precision, z, cdt)
+        zo, vo = P.op(z), P.op(v)
         tile = _tile_size(chunk_size)
         # Base term O = Z W0^T, in the dtype the forward used for it.
         bdt = _base_dtype(z, cdt)
         gb, zb = g_out.to(bdt), z.to(bdt)
         dz = _base(gb, w0.to(bdt).transpose(-1, -2)).to(cdt)  # [B, T, h]
-        if w0.dim() == 2:
-            dw = (gb.reshape(-1, d).t() @ zb.reshape(-1, h)).to(cdt)  # [d, h]
-        else:
-            dw = torch.bmm(gb.transpose(1, 2), zb).to(cdt)  # [B, d, h]
+        dw = None  # skipped for a frozen w0 (ttt.train_w_down: false), like a frozen nn.Linear's
+        if ctx.needs_input_grad[2]:
+            if w0.dim() == 2:
+                dw = (gb.reshape(-1, d).t() @ zb.reshape(-1, h)).to(cdt)  # [d, h]
+            else:
+                dw = torch.bmm(gb.transpose(1, 2), zb).to(cdt)  # [B, d, h]
         del gb, zb
-        dv = torch.zeros_like(vf)
+        dv = torch.zeros(B, T, d, dtype=cdt, device=v.device)
         gF = None
         if g_final is not None:
             gF = g_final.to(cdt)
-            dw = dw + (gF.sum(0) if w0.dim() == 2 else gF)
+            if dw is not None:
+                dw = dw + (gF.sum(0) if w0.dim() == 2 else gF)
         tiles = [(a, min(T, a + tile)) for a in range(0, T, tile)]
-        eg = eta * g
+        eg = P.op(eta * g_out.to(cdt))  # [B, T, d]
         if form == "dual":
             for (a, b), A in zip(tiles[1:], scores):
-                zr, gr = zf[:, a:b], eg[:, a:b]
-                dv[:, :a] += torch.bmm(A.transpose(1, 2), gr)
-                dA = torch.bmm(gr, vf[:, :a].transpose(1, 2))  # [B, L, a]
-                dz[:, a:b] += torch.bmm(dA, zf[:, :a])
-                dz[:, :a] += torch.bmm(dA.transpose(1, 2), zr)
+                A = P.op(A)
+                zr, gr = zo[:, a:b], eg[:, a:b]
+                dv[:, :a] += P.mm(A.transpose(1, 2), gr)
+                dA = P.op(P.mm(gr, vo[:, :a].transpose(1, 2)))  # [B, L, a]
+                dz[:, a:b] += P.mm(dA, zo[:, :a])
+                dz[:, :a] += P.mm(dA.transpose(1, 2), zr)
             if gF is not None:  # w_final = W0 + eta * V^T Z over the whole sequence
-                dv += eta * torch.bmm(zf, gF.transpose(1, 2))
-                dz += eta * torch.bmm(vf, gF)
+                gFo = P.op(gF)
+                dv += eta * P.mm(zo, gFo.transpose(1, 2))
+                dz += eta * P.mm(vo, gFo)
         else:
             # Forward sweep: the state each tile saw, for dZ_r += eta dO_r S_r.
-            S = zf.new_zeros(B, d, h)
+            S = z.new_zeros(B, d, h, dtype=cdt)
             for a, b in tiles:
                 if a > 0:
-                    dz[:, a:b] += torch.bmm(eg[:, a:b], S)
-                S += torch.bmm(vf[:, a:b].transpose(1, 2), zf[:, a:b])
+                    dz[:, a:b] += P.mm(eg[:, a:b], P.op(S))
+                S += P.mm(vo[:, a:b].transpose(1, 2), zo[:, a:b])
             del S
             # Reverse sweep: G_r = eta * sum_{s > r} dO_s^T Z_s (+ eta dW_final) is dLoss/dDelta_r.
-            G = eta * gF if gF is not None else zf.new_zeros(B, d, h)
+            G = eta * gF if gF is not None else z.new_zeros(B, d, h, dtype=cdt)
             for a, b in reversed(tiles):
-                zr, vr = zf[:, a:b], vf[:, a:b]
-                dv[:, a:b] += torch.bmm(zr, G.transpose(1, 2))
-                dz[:, a:b] += torch.bmm(vr, G)
+                zr, vr, Go = zo[:, a:b], vo[:, a:b], P.op(G)
+                dv[:, a:b] += P.mm(zr, Go.transpose(1, 2))
+                dz[:, a:b] += P.mm(vr, Go)
                 if a > 0:
-                    G = G + torch.bmm(eg[:, a:b].transpose(1, 2), zr)
+                    G = G + P.mm(eg[:, a:b].transpose(1, 2), zr)
         for a, b in tiles:
             M = _intra_mask(b - a, chunk_size, z.device)
             if M is None:
                 continue
-            zr, vr, gr = zf[:, a:b], vf[:, a:b], eg[:, a:b]
-            Am = torch.bmm(zr, zr.transpose(1, 2)) * M
-            dv[:, a:b] += torch.bmm(Am.transpose(1, 2), gr)
-            dA = torch.bmm(gr, vr.transpose(1, 2)) * M
-            dz[:, a:b] += torch.bmm(dA, zr) + torch.bmm(dA.transpose(1, 2), zr)
-        return dz.to(z.dtype), dv.to(v.dtype), dw.to(w0.dtype), None, None, None, None
+            zr, vr, gr = zo[:, a:b], vo[:, a:b], eg[:, a:b]
+            Am = P.op(P.mm(zr, zr.transpose(1, 2)) * M)
+            dv[:, a:b] += P.mm(Am.transpose(1, 2), gr)
+            dA = P.op(P.mm(gr, vr.transpose(1, 2)) * M)
+            dz[:, a:b] += P.mm(dA, zr) + P.mm(dA.transpose(1, 2), zr)
+        dw = None if dw is None else dw.to(w0.dtype)
+        return dz.to(z.dtype), dv.to(v.dtype), dw, None, None, None, None, None
 
 
 def ttt_chunked(
@@ -262,6 +325,7 @@ def ttt_chunked(
     *,
     form: str = "auto",
     return_final: bool = True,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fast form of :func:`ttt_reference`: same arguments, same results, no per-chunk weights.
 
@@ -269,16 +333,20 @@ def ttt_chunked(
         form: ``"dual"``, ``"scan"`` or ``"auto"`` (:func:`choose_form` by FLOPs).
         return_final: compute ``w_final``; pass False in training, where it is not needed and
             would cost one more ``[d, h]``-sized product per batch element.
+        precision: ``"fp32"`` or ``"bf16"``: the operands of the update math's products when ``z``
+            is bf16 or fp16 (module docstring, "Precision"); sums across tiles are float32 either way.
     Returns:
-        ``(out [B, T, d] in z's dtype, w_final [B, d, h] or None)``.
+        ``(out [B, T, d] in z's dtype, w_final [B, d, h] float32 (float64 for float64 inputs) or None)``.
     """
     B, T, d, h = _check_inputs(z, v, w0, eta, chunk_size)
     if form == "auto":
         form = choose_form(T, d, h)
     if form not in ("dual", "scan"):
         raise ValueError(f"form must be 'auto', 'dual' or 'scan', got {form!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     with no_autocast(z.device):
-        res = _TTTChunkedFn.apply(z, v, w0, float(eta), chunk_size, form, return_final)
+        res = _TTTChunkedFn.apply(z, v, w0, float(eta), chunk_size, form, return_final, precision)
     if return_final:
         return res[0], res[1]
     return res, None
