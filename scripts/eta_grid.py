@@ -82,8 +82,8 @@ def tables(runs: list[dict], metric: str) -> str:
     by_cell = cells(runs, metric)
     z_by_cell: dict[tuple, list[float]] = defaultdict(list)
     for r in runs:
-        if r["norm"] == "none" and math.isfinite(r["z_sq"]):
-            z_by_cell[r["dim"], r["chunk"]].append(r["z_sq"])
+        if math.isfinite(r["z_sq"]):
+            z_by_cell[r["dim"], r["chunk"], r["norm"]].append(r["z_sq"])
     lines = [f"`{metric}` ({'lower' if lower else 'higher'} is better; ± half the range over seeds)", ""]
     for norm in sorted({k[2] for k in by_cell}):
         keys = sorted(k for k in by_cell if k[2] == norm)
@@ -95,7 +95,7 @@ def tables(runs: list[dict], metric: str) -> str:
             pts = by_cell[k]
             row = [fmt_cell(pts[e]) if e in pts else "" for e in etas]
             b = best(pts, lower)
-            z = statistics.fmean(z_by_cell[k[:2]]) if z_by_cell[k[:2]] else math.nan
+            z = statistics.fmean(z_by_cell[k]) if z_by_cell[k] else math.nan
             lines.append(f"| {k[0]} | {k[1]} | " + " | ".join(row) + f" | {b:g} | {z:.3g} |")
         lines.append("")
     # Raw best eta on the normalised axis: eta x mean ||z||^2 of the runs at that eta.
