@@ -122,10 +122,12 @@ def plot(runs: list[dict], metric: str, path: Path) -> Path:
     for (dim, chunk, norm), pts in sorted(cells(runs, metric).items()):
         etas = sorted(pts)
         ys = [statistics.fmean(pts[e]) for e in etas]
+        # Seed repeats: a bar over their range (single runs have none).
+        err = [(max(pts[e]) - min(pts[e])) / 2 for e in etas]
         kw = dict(color=colors[dim], ls=style.get(chunk, ":"), marker="o" if norm == "none" else "s")
         label = f"dim {dim}, chunk {chunk}"
         if norm == "none":
-            axes[0].plot(etas, ys, label=label, **kw)
+            axes[0].errorbar(etas, ys, yerr=err, capsize=3, label=label, **kw)
             z = {
                 e: statistics.fmean(
                     r["z_sq"]
@@ -136,7 +138,7 @@ def plot(runs: list[dict], metric: str, path: Path) -> Path:
             }
             axes[1].plot([e * z[e] for e in etas], ys, alpha=0.5, label=label + " (raw eta x z_sq)", **kw)
         else:
-            axes[1].plot(etas, ys, label=label + " (zsq)", mfc="none", ms=8, **kw)
+            axes[1].errorbar(etas, ys, yerr=err, capsize=3, label=label + " (zsq)", mfc="none", ms=8, **kw)
     axes[0].set_xlabel("raw eta")
     axes[1].set_xlabel("normalised eta (eta_norm zsq; raw runs at eta x mean ||z||^2)")
     axes[0].set_ylabel(metric)
@@ -144,9 +146,9 @@ def plot(runs: list[dict], metric: str, path: Path) -> Path:
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Recall task: eta across widths (colour) and chunk sizes (line style)")
+    fig.suptitle("Recall task: eta across widths (colour) and chunk sizes (line style); bars: seed range")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=80)  # small enough to commit under docs/
     plt.close(fig)
     return path
 
