@@ -149,7 +149,13 @@ class SyntheticDataArgs:
 
 @dataclass
 class RecallDataArgs:
-    """The beyond-the-window recall task (``finetune.data.recall``): sequences of ``duration_sec``."""
+    """The beyond-the-window recall task (``finetune.data.recall``): sequences of ``duration_sec``.
+
+    ``audio``: ``silent`` (a constant code), ``uniform`` (i.i.d. random codes), ``markov`` (every codebook changes every frame) or
+    ``bank`` (windows of real Mimi codes read through the manifest pipeline: ``data.train`` /
+    ``data.eval`` with their tokenizer, Mimi and cache). ``filler_rate``: fraction of the frames
+    between events that hold a random filler word instead of PAD.
+    """
 
     # Fixed on resume: the training sequences (num_eval only sizes the held-out set).
     num_train: int = field(default=2048, metadata=FIXED_ON_RESUME)
@@ -157,6 +163,12 @@ class RecallDataArgs:
     pairs: int = field(default=4, metadata=FIXED_ON_RESUME)
     num_keys: int = field(default=16, metadata=FIXED_ON_RESUME)
     num_values: int = field(default=16, metadata=FIXED_ON_RESUME)
+    audio: Literal["silent", "uniform", "markov", "bank"] = field(default="silent", metadata=FIXED_ON_RESUME)
+    filler_rate: float = field(default=0.0, metadata=FIXED_ON_RESUME)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.filler_rate < 1.0:
+            raise ConfigError(f"data.recall.filler_rate: must be in [0, 1) (got {self.filler_rate})")
 
 
 @dataclass
@@ -292,6 +304,11 @@ class TrainConfig:
         """Combinations that cannot work, caught before any model is built."""
         if self.finetune == "ttt_only" and not self.ttt.enabled:
             raise ConfigError("finetune: ttt_only trains only TTT parameters, but ttt.enabled is false")
+        if self.data.source == "recall" and self.data.recall.audio == "bank" and not self.data.train:
+            raise ConfigError(
+                "data.recall.audio: bank reads its audio windows from data.train (and data.eval) manifests; "
+                "set data.train"
+            )
         if self.data.source == "manifest" and not self.data.train:
             raise ConfigError(
                 "data.train: the path of a .jsonl manifest is required when data.source is manifest"

@@ -1,48 +1,39 @@
 """The command line of ``train.py`` and ``scripts/encode_codes.py``: ``CONFIG [--section.key=value ...]``.
 
-Parsed completely before any work, so a stray argument is refused at once instead of after a
-training run. Overrides are ``--key=value``, ``--key value`` or a bare ``--key`` (true); values are
-strings, typed by the config schema (YAML syntax: ``--ttt.layers=[0,6]``, ``--data.eval=null``).
+Parsed completely (by python-fire) before any work, so a stray argument is refused at once instead of
+after a training run. Overrides are ``--key=value``, ``--key value`` or a bare ``--key`` (true); fire
+reads a value as a Python literal where it can (``--ttt.layers=[0,6]``, ``--optim.lr=3e-5``), and the
+config schema types the rest (YAML syntax: ``--data.eval=null``).
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import Any
+
+import fire
 
 from .schema import ConfigError
 
 
-def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, str]]:
-    """(config file, ``{dotted key: value}``); ConfigError for anything else."""
-    config: str | None = None
-    overrides: dict[str, str] = {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--") and len(arg) > 2:
-            key, eq, value = arg[2:].partition("=")
-            if not eq:
-                if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                    value, i = argv[i + 1], i + 1
-                else:
-                    value = "true"
-            key = key.replace("-", "_")
-            if key == "config" and config is None:
-                config = value
-            elif key in overrides:
-                raise ConfigError(f"--{key} is given twice")
-            else:
-                overrides[key] = value
-        elif config is None and not arg.startswith("-"):
-            config = arg
-        else:
+def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
+    """(config file, ``{dotted key: value}``) of a command line, read by python-fire; ConfigError for a
+    stray argument. Fire would call a command and only then complain about what it could not consume
+    (a training run long finished), so the command here only collects its arguments: a stray positional
+    argument lands in ``extra`` and is refused before any work."""
+    parsed: dict[str, Any] = {}
+
+    def collect(config: str | None = None, *extra: Any, **overrides: Any) -> None:
+        if extra:
             raise ConfigError(
-                f"unexpected argument {arg!r}: after the config file only --section.key=value overrides "
-                "are accepted (nothing was run)"
+                f"unexpected argument {str(extra[0])!r}: after the config file only --section.key=value "
+                "overrides are accepted (nothing was run)"
             )
-        i += 1
-    return config, overrides
+        parsed.update(config=None if config is None else str(config), overrides=overrides)
+
+    fire.Fire(collect, command=list(argv), name="train.py")
+    return parsed["config"], parsed["overrides"]
 
 
 def run_main(main: Callable[[list[str]], int], doc: str | None) -> None:

@@ -187,7 +187,7 @@ def param_groups(model: nn.Module) -> dict[str, str]:
     ttt: dict[str, str] = {}
     for n, layer in named_ttt_layers(model):
         slow += [f"{n}.{p}" for p in layer.SLOW_PARAMS]
-        ttt.update({f"{n}.{p}": g.name for g in layer.PARAM_GROUPS for p in g.params})
+        ttt.update({f"{n}.{p}": g.name for g in layer.param_groups() for p in g.params})
     slow_prefixes = tuple(slow)
     out = {}
     for name, _ in model.named_parameters():

@@ -56,7 +56,9 @@ def check_config_paths(cfg) -> None:
             if _local(v)
         ]
     check_moshi_weights(m.moshi_weights, m.allow_pickle)
-    if d.source == "manifest":
+    # Manifest data, or the recall task reading its audio from manifests (data.recall.audio: bank).
+    manifests = d.source == "manifest" or (d.source == "recall" and d.recall.audio == "bank")
+    if manifests:
         for key in ("tokenizer", "mimi_weights"):
             if getattr(d, key) is None and m.source != "hf":
                 raise ConfigError(
@@ -69,7 +71,7 @@ def check_config_paths(cfg) -> None:
         if _local(value) and not Path(value).is_file():
             what = "is a directory, not a file" if Path(value).is_dir() else "does not exist"
             raise ConfigError(f"{key}: {value} {what}")
-    if d.source == "manifest":
+    if manifests:
         for key in ("train", "eval"):
             if getattr(d, key):
                 read_manifest(getattr(d, key), warn=False)  # ConfigError if it has no usable entry

@@ -49,6 +49,11 @@ class TTTConfig:
         start_layer, layer_frequency: select layers ``start_layer, start_layer + layer_frequency, ...``.
         fast_form: ``auto`` picks the quadratic dual form for short sequences and the linear
             chunk scan for long ones (see :func:`moshi_ttt.ops.ttt_chunked`).
+        write_gate: In-Place TTT: a learned per-token write strength ``g_t = 2 sigmoid(x_t . w + b)``
+            of the target source ``x_t`` multiplies the target, so a chunk's update is
+            ``eta * sum_t g_t v_t z_t^T`` (a per-token learning rate, as LaCT and TTT-MLP have); 1 at
+            init (``w = b = 0``). With live audio it lets the layer write only where the text carries
+            something (see the README's long-context section).
         update_precision: In-Place TTT's update math under bf16 autocast or in a bf16 model: ``bf16``
             multiplies bf16 operands into float32 sums (tensor-core speed; the scores ``Z Z^T`` and
             their gradients are rounded to bf16 where they enter a product), ``fp32`` keeps every
@@ -78,6 +83,7 @@ class TTTConfig:
     layer_frequency: int = field(default=6, metadata=_FIXED)
     fast_form: str = "auto"
     update_precision: str = "bf16"
+    write_gate: bool = field(default=False, metadata=_FIXED)
     variant: str = field(default="inplace", metadata=_FIXED)
     mlp_heads: int = field(default=4, metadata=_FIXED)
     mlp_expansion: int = field(default=4, metadata=_FIXED)
@@ -121,6 +127,13 @@ class TTTConfig:
             raise bad("layer_frequency", "must be an integer >= 1")
         if self.fast_form not in FAST_FORMS:
             raise bad("fast_form", f"must be one of {', '.join(FAST_FORMS)}")
+        if not isinstance(self.write_gate, bool):
+            raise bad("write_gate", "must be true or false")
+        if self.write_gate and self.variant != "inplace":
+            raise bad(
+                "write_gate",
+                "is an In-Place TTT option (variant: inplace); TTT-MLP has its own per-token rate",
+            )
         if self.update_precision not in UPDATE_PRECISIONS:
             raise bad("update_precision", f"must be one of {', '.join(UPDATE_PRECISIONS)}")
         from .variants import VARIANTS  # here, not at the top: the variant modules import this one

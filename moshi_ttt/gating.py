@@ -110,6 +110,12 @@ class TTTGating(TTTLayer[_TTTState]):
     PARAM_GROUPS = (
         ParamGroup("ttt_target", "TTT target path (conv, W_target)", ("target_conv", "target_proj")),
         ParamGroup("w_down", "TTT w_down (fast-weight init W^(0))", ("w_down",), pretrained=True),
+        ParamGroup(
+            "ttt_write_gate",
+            "TTT write gate (per-token)",
+            ("write_gate_w", "write_gate_b"),
+            when="write_gate",
+        ),
     )
     SLOW_PARAMS = ("linear_in.",)  # the layer's slow weights (W_gate, W_up)
     MOSHI_KEYS = {"w_down": "linear_out.weight"}
@@ -136,6 +142,9 @@ class TTTGating(TTTLayer[_TTTState]):
         K = config.conv_kernel_size
         self.target_conv = nn.Parameter(torch.zeros(d, 1 if config.conv_depthwise else d, K, **factory))
         self.target_proj = nn.Parameter(torch.empty(d, d, **factory))
+        if config.write_gate:
+            self.write_gate_w = nn.Parameter(torch.empty(d, **factory))
+            self.write_gate_b = nn.Parameter(torch.empty(1, **factory))
         self.init_new_parameters()
         self._register_load_state_dict_pre_hook(self._map_vanilla_keys)
 
@@ -146,9 +155,13 @@ class TTTGating(TTTLayer[_TTTState]):
         return cls(gating.linear_in, w, gating.activation, config)
 
     def init_new_parameters(self) -> None:
-        """Zero conv and identity projection: V = 0 (base model) with a live gradient path."""
+        """Zero conv and identity projection: V = 0 (base model) with a live gradient path; the write
+        gate (if any) at 1 on every token."""
         with torch.no_grad():
             self.target_conv.zero_()
+            if self.config.write_gate:
+                self.write_gate_w.zero_()
+                self.write_gate_b.zero_()
             if self.target_proj.device.type != "meta":
                 self.target_proj.copy_(torch.eye(self.dim, dtype=self.target_proj.dtype))
 
@@ -189,7 +202,8 @@ class TTTGating(TTTLayer[_TTTState]):
 
     # ---------------------------------------------------------------- computations
     def target(self, src: torch.Tensor) -> torch.Tensor:
-        """``V = Conv1D_K(src) W_target^T`` per chunk of the grid starting at ``src[:, 0]``: ``[B, T, d]``."""
+        """``V = Conv1D_K(src) W_target^T`` per chunk of the grid starting at ``src[:, 0]``: ``[B, T, d]``,
+        times the write gate ``g_t`` of each step when ``write_gate`` is set."""
         B, T, D = src.shape
         C, K = self.config.chunk_size, self.config.conv_kernel_size
         n = math.ceil(T / C)
@@ -200,7 +214,12 @@ class TTTGating(TTTLayer[_TTTState]):
         groups = D if self.config.conv_depthwise else 1
         y = F.conv1d(x, self.target_conv.to(x.dtype), groups=groups)  # [B n, D, L]
         y = y.transpose(1, 2).reshape(B, n * L, D)[:, :T]
-        return F.linear(y, self.target_proj.to(y.dtype))
+        v = F.linear(y, self.target_proj.to(y.dtype))
+        if self.config.write_gate:
+            # g_t = 2 sigmoid(src_t . w + b): per step, so streaming (one chunk buffer) == training.
+            logit = F.linear(src, self.write_gate_w.to(src.dtype)[None], self.write_gate_b.to(src.dtype))
+            v = v * (2 * torch.sigmoid(logit)).to(v.dtype)  # [B, T, d] * [B, T, 1]
+        return v
 
     def update_target(self, src: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The ``V`` the update ``eta * V[i]^T Z[i]`` uses, ``[B, T, d]``: :meth:`target`, divided by

@@ -9,7 +9,7 @@ A variant **declares** (class attributes):
 
 - ``VARIANT``: its ``TTTConfig.variant`` name;
 - ``PARAM_GROUPS``: its TTT weights, by :class:`ParamGroup` (the optimizer group and parameter-table
-  row). A group is ``pretrained`` when it is taken from the base checkpoint (In-Place's ``w_down``);
+  row; a group with ``when`` exists only when that ``TTTConfig`` flag is set). A group is ``pretrained`` when it is taken from the base checkpoint (In-Place's ``w_down``);
   every other TTT weight is *new*: a vanilla Moshi checkpoint lacks it and
   :meth:`TTTLayer.init_new_parameters` initialises it;
 - ``SLOW_PARAMS``: name prefixes of its slow weights (the layer's own MLP, possibly LoRA-wrapped);
@@ -35,6 +35,7 @@ those paths, telemetry, and materialising the new parameters of a model built on
 from __future__ import annotations
 
 import abc
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, TypeVar
@@ -64,6 +65,8 @@ class ParamGroup:
     label: str  # its row in the start-of-run parameter table
     params: tuple[str, ...]  # parameter names inside the layer
     pretrained: bool = False  # taken from the base checkpoint (not new); trains per ttt.train_w_down
+    # A TTTConfig flag the group depends on: the layer has these parameters only when it is true.
+    when: str | None = None
 
 
 @dataclass
@@ -83,6 +86,17 @@ class TTTState(State):
 
 
 S = TypeVar("S", bound=TTTState)
+
+
+class _class_or_instance:  # noqa: N801 - used as a decorator, like classmethod
+    """A method bound to the instance when called on one, to the class otherwise (what a layer has
+    depends on its config; what a variant may have, on the class)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __get__(self, obj, cls):
+        return functools.partial(self.f, cls if obj is None else obj)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -125,15 +139,24 @@ class TTTLayer(StreamingModule[S]):
         self.updates_enabled = not value
 
     # ---------------------------------------------------------------- what the layer is
-    @classmethod
-    def ttt_param_names(cls) -> tuple[str, ...]:
-        """Every TTT weight (what a TTT weights file holds)."""
-        return tuple(p for g in cls.PARAM_GROUPS for p in g.params)
+    @_class_or_instance
+    def param_groups(self_or_cls) -> tuple[ParamGroup, ...]:
+        """The layer's groups of :attr:`PARAM_GROUPS`: on a layer, those its config enables (a group
+        with ``when`` exists only when that flag is set); on the class, every possible group."""
+        groups = self_or_cls.PARAM_GROUPS
+        if isinstance(self_or_cls, type):
+            return groups
+        return tuple(g for g in groups if g.when is None or getattr(self_or_cls.config, g.when))
 
-    @classmethod
-    def new_param_names(cls) -> tuple[str, ...]:
+    @_class_or_instance
+    def ttt_param_names(self_or_cls) -> tuple[str, ...]:
+        """Every TTT weight (what a TTT weights file holds)."""
+        return tuple(p for g in self_or_cls.param_groups() for p in g.params)
+
+    @_class_or_instance
+    def new_param_names(self_or_cls) -> tuple[str, ...]:
         """The TTT weights a vanilla Moshi checkpoint lacks."""
-        return tuple(p for g in cls.PARAM_GROUPS if not g.pretrained for p in g.params)
+        return tuple(p for g in self_or_cls.param_groups() if not g.pretrained for p in g.params)
 
     @classmethod
     def source(cls, config: TTTConfig) -> str:

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune.data.audio import SAMPLE_RATE as SR  # noqa: E402
 from finetune.data.audio import tiny_mimi_config  # noqa: E402
 
+_MIMI_FIT_CONVERSATIONS = 36
 VOCAB = (
     "hello yes no maybe today tomorrow morning evening coffee tea music movie weather rain sun "
     "train station ticket city river mountain friend family dinner lunch book story game play "
@@ -163,6 +164,9 @@ def make_mimi(out_dir: Path, audios: list[np.ndarray], num_codebooks: int, seed:
     mimi = loaders.get_mimi(None, mimi_config=cfg, num_codebooks=num_codebooks)
     # moshi's codebooks k-means-initialise themselves on the first training-mode forwards, one level
     # per call: run the quantizer on this audio's latents until every level is initialised.
+    # At most _MIMI_FIT_CONVERSATIONS conversations (the default dataset's 36): encoding them all at
+    # once holds every latent in memory, and 144 conversations of 25 s took more than 20 GB.
+    audios = audios[:_MIMI_FIT_CONVERSATIONS]
     clip = min(len(a[0]) for a in audios)
     x = torch.from_numpy(np.concatenate([a[:, :clip] for a in audios], 0))[:, None]  # [2N, 1, S]
     with torch.no_grad():

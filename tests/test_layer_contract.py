@@ -122,12 +122,19 @@ def _toy_registered(monkeypatch):
 
 
 SHIPPED = list(VARIANTS)
-ALL = [*SHIPPED, "toy"]
+# "name+flag": the variant with a TTTConfig option that adds parameters (ParamGroup.when).
+ALL = [*SHIPPED, "inplace+write_gate", "toy"]
+
+
+def config(variant, **kw):
+    """TTTConfig of a variant name, or of "name+flag" (the variant with that option set)."""
+    name, *flags = variant.split("+")
+    return TTTConfig(variant=name, **dict.fromkeys(flags, True), **{"mlp_heads": 4, **kw})
 
 
 def make(variant, seed=0, context=16, eta=0.5, **kw):
     base = build_tiny_lm(seed=seed, context=context)
-    cfg = TTTConfig(variant=variant, chunk_size=C, eta=eta, layers=[0, 2], mlp_heads=4, **kw)
+    cfg = config(variant, chunk_size=C, eta=eta, layers=[0, 2], **kw)
     return base, apply_ttt(copy.deepcopy(base), cfg)
 
 
@@ -154,7 +161,7 @@ def test_the_registry_lists_the_shipped_variants_and_config_validates_against_it
 def test_identity_at_init_in_training_and_streaming(variant):
     base, model = make(variant)
     codes = random_codes(base, 2, 29)
-    assert all(type(g) is VARIANTS[variant] for g in ttt_gatings(model).values())
+    assert all(type(g) is VARIANTS[variant.split("+")[0]] for g in ttt_gatings(model).values())
     base.train(), model.train()
     a, b = base(codes), model(codes)
     assert torch.equal(a.logits[a.mask], b.logits[b.mask])
@@ -246,7 +253,7 @@ def test_updates_off_is_the_exported_base_model_for_inplace():
 @pytest.mark.parametrize("variant", ALL)
 def test_new_parameters_are_what_a_vanilla_checkpoint_lacks_and_initialise_to_identity(variant):
     base = build_tiny_lm(seed=0, context=16)
-    cfg = TTTConfig(variant=variant, chunk_size=C, layers=[0, 2], mlp_heads=4)
+    cfg = config(variant, chunk_size=C, layers=[0, 2])
     model = apply_ttt(LMModel(device="meta", **tiny_lm_kwargs(context=16)), cfg)
     res = model.load_state_dict(base.state_dict(), strict=False, assign=True)
     layers = dict(named_ttt_layers(model))
@@ -275,7 +282,7 @@ def test_new_parameters_are_what_a_vanilla_checkpoint_lacks_and_initialise_to_id
 def test_a_checkpoint_with_some_new_parameters_only_is_refused(variant):
     model = apply_ttt(
         LMModel(device="meta", **tiny_lm_kwargs(context=16)),
-        TTTConfig(variant=variant, chunk_size=C, layers=[0], mlp_heads=4),
+        config(variant, chunk_size=C, layers=[0]),
     )
     layer = ttt_gatings(model)[0]
     names = layer.new_param_names()
@@ -321,7 +328,7 @@ def test_finetune_param_groups_come_from_the_contract(variant, tmp_path):
     _, model = make(variant)
     groups = param_groups(model)
     for name, layer in named_ttt_layers(model):
-        for g in layer.PARAM_GROUPS:
+        for g in layer.param_groups():
             assert {groups[f"{name}.{p}"] for p in g.params} == {g.name}
             assert g.label in param_table(model)
         for p, _ in layer.named_parameters():
@@ -337,7 +344,7 @@ def test_finetune_param_groups_come_from_the_contract(variant, tmp_path):
     pretrained = {
         f"{n}.{p}"
         for n, layer in named_ttt_layers(model)
-        for g in layer.PARAM_GROUPS
+        for g in layer.param_groups()
         if g.pretrained
         for p in g.params
     }

@@ -11,13 +11,29 @@ afresh for every sequence, so a value can only be recovered from earlier in the 
 query's value is within one attention window (``context`` steps) of its definition, a far query's
 at least ``far_min`` steps after it: beyond the whole stack's receptive field
 (:func:`receptive_field`, as :func:`recall_datasets` sets it), so only something that carries
-information past the window, like TTT fast weights, can answer it. Between events the text
-stream holds PAD, and the audio codebooks hold silence (a constant code), so the task lives in the
-text stream only. Items are functions of ``(seed, index)``.
+information past the window, like TTT fast weights, can answer it. Between events the text stream holds PAD (or, with
+``filler_rate``, random filler tokens on that fraction of the free frames, as words in speech).
+
+The audio codebooks (``audio``):
+
+- ``silent``: a constant code on every frame, so the task lives in the text stream only;
+- ``uniform``: every code of every codebook drawn independently and uniformly on every frame (the
+  hardest case: unpredictable audio, nothing to learn from it);
+- ``markov``: every codebook of both speakers changes on every frame, following a fixed random
+  sparse Markov chain (each code has four possible successors, the same table for every sequence, so
+  the audio is learnable but carries nothing about the keys and values);
+- ``bank``: real Mimi codes (``audio_bank``: whole conversations' code streams, e.g. the tiny
+  dataset's speech encoded by its Mimi), one crop of ``num_frames`` per item at a conversation and
+  start chosen by ``(seed, index)``, so a small bank still gives varied audio.
+
+With live audio the fast weight's keys (the MLP activations ``Z``) are driven by the audio as much
+as by the text, which is what Moshi meets in real conversations. Items are functions of
+``(seed, index)``.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +42,13 @@ from torch.utils.data import Dataset
 from ..schema import ConfigError
 from .synthetic import EVAL_SEED_OFFSET
 
+logger = logging.getLogger(__name__)
+
 DEF, QRY = 4, 5
 FIRST_KEY = 6
+AUDIO_MODES = ("silent", "uniform", "markov", "bank")
+_MARKOV_SEED = 20261130  # the audio "language": one transition table for every sequence and split
+_MARKOV_BRANCHING = 4
 
 
 @dataclass(frozen=True)
@@ -54,11 +75,31 @@ class RecallTask(Dataset):
         silence_code: int = 0,
         n_q: int = 8,
         far_min: int | None = None,
+        audio: str = "silent",
+        card: int = 64,
+        audio_bank: list[torch.Tensor] | None = None,
+        filler_rate: float = 0.0,
+        num_fillers: int = 16,
     ) -> None:
-        if FIRST_KEY + num_keys + num_values > text_card:
-            raise ValueError(
-                f"recall task needs {FIRST_KEY + num_keys + num_values} text ids, model has {text_card}"
-            )
+        need = FIRST_KEY + num_keys + num_values + (num_fillers if filler_rate > 0 else 0)
+        if need > text_card:
+            raise ValueError(f"recall task needs {need} text ids, model has {text_card}")
+        if audio not in AUDIO_MODES:
+            raise ValueError(f"recall task: audio must be one of {', '.join(AUDIO_MODES)}, got {audio!r}")
+        if audio == "bank":
+            if not audio_bank or any(a.dim() != 2 or a.shape[0] != n_q for a in audio_bank):
+                shapes = None if audio_bank is None else [tuple(a.shape) for a in audio_bank[:3]]
+                raise ValueError(
+                    f"recall task: audio 'bank' needs audio_bank, a list of [n_q={n_q}, frames] code streams, "
+                    f"got {shapes}"
+                )
+            short = min(a.shape[1] for a in audio_bank)
+            if short < num_frames:
+                raise ValueError(
+                    f"recall task: an audio bank stream has {short} frames, need at least {num_frames}"
+                )
+        if not 0.0 <= filler_rate < 1.0:
+            raise ValueError(f"recall task: filler_rate must be in [0, 1), got {filler_rate}")
         if pairs > num_keys:
             raise ValueError(f"recall task: pairs ({pairs}) must be <= num_keys ({num_keys})")
         # Far queries are this many steps after their definition. Stacked layers see further than one
@@ -73,6 +114,15 @@ class RecallTask(Dataset):
         self.num_keys, self.num_values, self.pairs = num_keys, num_values, pairs
         self.seed, self.pad, self.silence, self.n_q = seed, text_padding_id, silence_code, n_q
         self.first_value = FIRST_KEY + num_keys
+        self.audio, self.card, self.audio_bank = audio, card, audio_bank
+        self.filler_rate, self.first_filler, self.num_fillers = (
+            filler_rate,
+            FIRST_KEY + num_keys + num_values,
+            num_fillers,
+        )
+        if audio == "markov":
+            g = torch.Generator().manual_seed(_MARKOV_SEED)
+            self._succ = torch.randint(0, card, (n_q, card, _MARKOV_BRANCHING), generator=g)
 
     def __len__(self) -> int:
         return self.num_items
@@ -120,15 +170,64 @@ class RecallTask(Dataset):
             put(q, QRY, i)
             queries.append(Query(q + 2, q + 2 - def_pos[i], values[i], True))
             p = q + 3
+        if self.filler_rate > 0:
+            free = (text == self.pad).nonzero().flatten()
+            take = torch.rand(len(free), generator=g) < self.filler_rate
+            words = torch.randint(0, self.num_fillers, (int(take.sum()),), generator=g) + self.first_filler
+            text[free[take]] = words
         return text, queries
 
     def queries(self, index: int) -> list[Query]:
         return self.layout(index)[1]
 
+    def audio_codes(self, index: int) -> torch.Tensor:
+        """The audio codebooks ``[n_q, T]`` of item ``index``."""
+        T = self.num_frames
+        if self.audio == "silent":
+            return torch.full((self.n_q, T), self.silence, dtype=torch.long)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index + 7_777_777)
+        if self.audio == "bank":
+            stream = self.audio_bank[int(torch.randint(0, len(self.audio_bank), (1,), generator=g))]
+            start = int(torch.randint(0, stream.shape[1] - T + 1, (1,), generator=g))
+            return stream[:, start : start + T].clone()
+        if self.audio == "uniform":
+            return torch.randint(0, self.card, (self.n_q, T), generator=g)
+        # markov: code[t] = one of the four successors of code[t-1], per codebook.
+        codes = torch.empty(self.n_q, T, dtype=torch.long)
+        codes[:, 0] = torch.randint(0, self.card, (self.n_q,), generator=g)
+        branch = torch.randint(0, _MARKOV_BRANCHING, (self.n_q, T), generator=g)
+        rows = torch.arange(self.n_q)
+        for t in range(1, T):
+            codes[:, t] = self._succ[rows, codes[:, t - 1], branch[:, t]]
+        return codes
+
     def __getitem__(self, index: int) -> torch.Tensor:
         text, _ = self.layout(index)
-        audio = torch.full((self.n_q, self.num_frames), self.silence, dtype=torch.long)
-        return torch.cat([text[None], audio], 0)
+        return torch.cat([text[None], self.audio_codes(index)], 0)
+
+
+def _audio_bank(dataset, num_frames: int) -> list[torch.Tensor]:
+    """The whole-file code streams ``[n_q, frames]`` of a manifest dataset's conversations that hold
+    at least ``num_frames`` frames (unreadable ones are skipped with a warning, shorter ones left out)."""
+    from .audio import FRAME_RATE, BadItem
+
+    streams, short = [], 0
+    for entry in dataset.entries:
+        try:
+            codes = dataset.source.codes(entry.path)
+        except BadItem as e:
+            logger.warning("recall audio bank: skipping %s: %s", entry.path, e)
+            continue
+        if codes.shape[1] >= num_frames:
+            streams.append(codes)
+        else:
+            short += 1
+    if not streams:
+        raise ConfigError(
+            f"data.recall.audio: bank needs conversations of at least {num_frames} frames "
+            f"({num_frames / FRAME_RATE:g} s, data.duration_sec); the manifest has none ({short} shorter)"
+        )
+    return streams
 
 
 def attention_window(lm) -> int | None:
@@ -153,6 +252,14 @@ def recall_datasets(cfg, model) -> tuple[RecallTask, RecallTask]:
             "data.source recall: the task needs a model with a limited attention window (model.tiny.context)"
         )
     r = cfg.data.recall
+    banks = (None, None)
+    if r.audio == "bank":
+        from .build import conversation_datasets
+
+        train_audio, eval_audio = conversation_datasets(cfg, model)
+        T = cfg.data.num_frames
+        train_bank = _audio_bank(train_audio, T)
+        banks = (train_bank, _audio_bank(eval_audio, T) if eval_audio is not None else train_bank)
     common = dict(
         num_frames=cfg.data.num_frames,
         context=attention_window(model),
@@ -163,7 +270,10 @@ def recall_datasets(cfg, model) -> tuple[RecallTask, RecallTask]:
         text_card=model.text_card,
         text_padding_id=model.text_padding_token_id,
         n_q=model.n_q,
+        audio=r.audio,
+        card=model.card,
+        filler_rate=r.filler_rate,
     )
-    train = RecallTask(r.num_train, seed=cfg.seed, **common)
-    evals = RecallTask(r.num_eval, seed=cfg.seed + EVAL_SEED_OFFSET, **common)
+    train = RecallTask(r.num_train, seed=cfg.seed, audio_bank=banks[0], **common)
+    evals = RecallTask(r.num_eval, seed=cfg.seed + EVAL_SEED_OFFSET, audio_bank=banks[1], **common)
     return train, evals

@@ -155,10 +155,11 @@ def _base_dtype(z: torch.Tensor, cdt: torch.dtype) -> torch.dtype:
     return z.dtype if z.dtype in (torch.bfloat16, torch.float16) else cdt
 
 
-def base_term(z: torch.Tensor, w0: torch.Tensor, cdt: torch.dtype = torch.float32) -> torch.Tensor:
+def base_term(z: torch.Tensor, w0: torch.Tensor, cdt: torch.dtype | None = None) -> torch.Tensor:
     """``Z W0^T`` as Moshi's own ``linear_out`` computes it: in ``z``'s dtype when that is bf16 or
-    fp16, else in ``cdt``. What a TTT layer outputs when its fast weight is still ``W^(0)``."""
-    bdt = _base_dtype(z, cdt)
+    fp16, else in ``cdt`` (default: the inputs' compute dtype, float64 if either is float64, else
+    float32). What a TTT layer outputs when its fast weight is still ``W^(0)``."""
+    bdt = _base_dtype(z, _compute_dtype(z, w0) if cdt is None else cdt)
     return _base(z.to(bdt), w0.to(bdt))
 
 
