@@ -1,5 +1,6 @@
 """``eta_norm`` (the TTT learning rate's parameterisation) and the TTT telemetry, against an
-independent float64 reference of the whole In-Place TTT gating."""
+independent float64 reference of the whole In-Place TTT gating; ``eta_norm: zsq`` together with
+``write_gate`` (both rescale the update target: the gate per token, zsq per chunk)."""
 
 import copy
 
@@ -15,8 +16,8 @@ from moshi_ttt.tiny import build_tiny_lm
 C = 8
 
 
-def _gating(eta_norm, seed=0, fast_form="auto", kernel=3, depthwise=True):
-    """A float64 TTT gating of a tiny Moshi (dim 64) with a random target path."""
+def _gating(eta_norm, seed=0, fast_form="auto", kernel=3, depthwise=True, write_gate=False):
+    """A float64 TTT gating of a tiny Moshi (dim 64) with a random target path (and write gate)."""
     base = build_tiny_lm(seed=seed, dtype=torch.float64)
     cfg = TTTConfig(
         chunk_size=C,
@@ -27,6 +28,7 @@ def _gating(eta_norm, seed=0, fast_form="auto", kernel=3, depthwise=True):
         fast_form=fast_form,
         conv_kernel_size=kernel,
         conv_depthwise=depthwise,
+        write_gate=write_gate,
     )
     g = ttt_gatings(apply_ttt(base, cfg))[0]
     gen = torch.Generator().manual_seed(seed)
@@ -34,13 +36,17 @@ def _gating(eta_norm, seed=0, fast_form="auto", kernel=3, depthwise=True):
         g.target_conv.copy_(torch.randn(g.target_conv.shape, generator=gen, dtype=torch.float64) * 0.3)
         g.target_proj.add_(torch.randn(g.target_proj.shape, generator=gen, dtype=torch.float64) * 0.05)
         g.w_down.add_(torch.randn(g.w_down.shape, generator=gen, dtype=torch.float64) * 0.01)
+        if write_gate:  # gates spread over (0, 2), not all at their init value 1
+            g.write_gate_w.copy_(torch.randn(g.write_gate_w.shape, generator=gen, dtype=torch.float64) * 0.3)
+            g.write_gate_b.fill_(-0.4)
     return g
 
 
 def reference_gating(g, x, src):
     """The In-Place TTT gating written out, step by step: z from the slow weights, the target
-    convolution tap by tap inside each chunk, one explicit weight per chunk, and under ``zsq`` each
-    chunk's update divided by the chunk's mean ||z_t||^2. Shares no code with moshi_ttt."""
+    convolution tap by tap inside each chunk, each step's target times its write gate
+    ``2 sigmoid(src_t . w + b)`` (with ``write_gate``), one explicit weight per chunk, and under ``zsq``
+    each chunk's update divided by the chunk's mean ||z_t||^2. Shares no code with moshi_ttt."""
     cfg = g.config
     h = g.hidden
     w_in = g.linear_in.weight  # [2h, d]: W_gate rows, then W_up
@@ -62,7 +68,10 @@ def reference_gating(g, x, src):
                     if t + k < e:  # never past the chunk's end
                         xs = src[b, t + k]
                         acc = acc + (conv[:, 0, k] * xs if conv.shape[1] == 1 else conv[:, :, k] @ xs)
-                vc.append(proj @ acc)
+                gate = 1.0
+                if cfg.write_gate:
+                    gate = 2 * torch.sigmoid(src[b, t] @ g.write_gate_w + g.write_gate_b[0])
+                vc.append(gate * (proj @ acc))
             vc = torch.stack(vc)  # [c, d]
             scale = 1.0
             if cfg.eta_norm == "zsq":
@@ -72,14 +81,15 @@ def reference_gating(g, x, src):
     return torch.stack(outs)
 
 
-@pytest.mark.parametrize("eta_norm", ["none", "zsq"])
+@pytest.mark.parametrize(("eta_norm", "write_gate"), [("none", False), ("zsq", False), ("zsq", True)])
 @pytest.mark.parametrize("T", [C - 1, C, 3 * C + 5])
 @pytest.mark.parametrize("fast_form", ["dual", "scan"])
-def test_gating_matches_the_reference_with_gradients(eta_norm, T, fast_form):
-    g = _gating(eta_norm, fast_form=fast_form, depthwise=T != C)
+def test_gating_matches_the_reference_with_gradients(eta_norm, write_gate, T, fast_form):
+    g = _gating(eta_norm, fast_form=fast_form, depthwise=T != C, write_gate=write_gate)
     x = torch.randn(2, T, g.dim, dtype=torch.float64, requires_grad=True)
     src = torch.randn(2, T, g.dim, dtype=torch.float64, requires_grad=True)
     params = [g.target_conv, g.target_proj, g.w_down, g.linear_in.weight]
+    params += [g.write_gate_w, g.write_gate_b] if write_gate else []
     inputs = [x, src, *params]
     out = g(x, src)
     ref = reference_gating(g, x, src)
@@ -88,12 +98,15 @@ def test_gating_matches_the_reference_with_gradients(eta_norm, T, fast_form):
     # Below one chunk nothing reads the target path (its update is never applied): no gradient.
     grads = torch.autograd.grad(out, inputs, cot, allow_unused=True, materialize_grads=True)
     ref_grads = torch.autograd.grad(ref, inputs, cot, allow_unused=True, materialize_grads=True)
-    for name, a, r in zip(["x", "src", "conv", "proj", "w_down", "linear_in"], grads, ref_grads):
+    names = ["x", "src", "conv", "proj", "w_down", "linear_in", "gate_w", "gate_b"]
+    for name, a, r in zip(names, grads, ref_grads):
         torch.testing.assert_close(a, r, atol=1e-9, rtol=1e-9, msg=name)
     assert grads[2].abs().sum() > 0 if T > C else True
     if T > C:  # the normaliser matters: it changes the output of the chunks after the first
-        other = _gating("zsq" if eta_norm == "none" else "none", fast_form=fast_form, depthwise=T != C)
+        other_norm = "zsq" if eta_norm == "none" else "none"
+        other = _gating(other_norm, fast_form=fast_form, depthwise=T != C, write_gate=write_gate)
         assert not torch.allclose(other(x, src)[:, C:], out[:, C:])
+        assert all(a.abs().sum() > 0 for a in grads[6:])  # the gate trains through the zsq update
 
 
 def test_zsq_is_raw_eta_divided_by_the_chunk_statistic():
@@ -124,17 +137,23 @@ def test_chunk_statistic_is_the_same_over_the_grid_and_over_a_chunk_buffer():
     torch.testing.assert_close(grid[:, -1], (z[:, 3 * C :] ** 2).sum(-1).mean(-1))
 
 
-def _model(eta_norm, context=16, B=2):
+def _model(eta_norm, context=16, write_gate=False):
     base = build_tiny_lm(context=context)
-    cfg = TTTConfig(chunk_size=C, eta=0.5, eta_norm=eta_norm, layers=[0, 2])
+    cfg = TTTConfig(chunk_size=C, eta=0.5, eta_norm=eta_norm, layers=[0, 2], write_gate=write_gate)
     model = apply_ttt(copy.deepcopy(base), cfg)
     randomize_ttt(model)
+    if write_gate:
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for g in ttt_gatings(model).values():
+                g.write_gate_w.copy_(torch.randn(g.write_gate_w.shape, generator=gen))
     return model
 
 
+@pytest.mark.parametrize("write_gate", [False, True])
 @pytest.mark.parametrize("pieces", [[1] * 45, [3, 7, 1, 13, 2, 19]])
-def test_zsq_streaming_equals_the_full_forward(pieces):
-    model = _model("zsq", context=16 if len(pieces) == 45 else 64)
+def test_zsq_streaming_equals_the_full_forward(pieces, write_gate):
+    model = _model("zsq", context=16 if len(pieces) == 45 else 64, write_gate=write_gate)
     model.eval()
     seq = random_codes(model, 2, 45)
     with torch.no_grad():
@@ -148,10 +167,11 @@ def test_zsq_streaming_equals_the_full_forward(pieces):
     torch.testing.assert_close(torch.cat(outs, 2), full, atol=2e-5, rtol=1e-4)
 
 
-def test_zsq_per_element_chunk_ends_and_graph_steps_equal_the_full_forward():
+@pytest.mark.parametrize("write_gate", [False, True])
+def test_zsq_per_element_chunk_ends_and_graph_steps_equal_the_full_forward(write_gate):
     # Element 1 runs 3 steps behind (exec_mask), so chunks complete for one element at a time and
     # _apply_update takes its per-element branch; the last steps run the CUDA-graph step path.
-    model = _model("zsq")
+    model = _model("zsq", write_gate=write_gate)
     model.eval()
     seq = random_codes(model, 2, 30)
     gatings = list(ttt_gatings(model).values())
