@@ -2,14 +2,16 @@
 """The width x chunk x eta grid of configs/sweeps/eta_transfer.yaml: best eta per cell, and whether one
 normalised value is near-best everywhere.
 
-    python scripts/eta_grid.py runs/sweeps/eta_transfer [--metric eval_recall_nll_far] [--out DIR]
+    python scripts/eta_grid.py runs/sweeps/eta_transfer [--metric recall_nll_far] [--out DIR] [--png PATH]
+    python scripts/eta_grid.py runs/sweeps/eta_transfer --png docs/eta_transfer.png   # the README's plot
 
 For every run directory under the sweep (any seed): its width, chunk size, eta_norm and eta (from
 its config.yaml), its final eval metrics and the mean ``||z||^2`` its TTT layers logged over training
 (``ttt/layer*/z_sq_mean``, mean over layers and over the second half of the logged steps). A raw run
 at ``eta`` is placed on the normalised axis at ``eta x mean ||z||^2`` (what ``eta_norm: zsq`` would
 need for the same update size). Writes ``eta_grid.md`` (tables) and ``eta_grid.png`` (the metric
-against raw eta and against normalised eta) into ``--out`` (default: the sweep directory).
+against raw eta and against normalised eta; ``--png`` puts it elsewhere) into ``--out`` (default: the
+sweep directory). ``--metric`` is an eval metric without its ``eval_`` prefix.
 """
 
 from __future__ import annotations
@@ -158,6 +160,7 @@ def main() -> int:
     p.add_argument("sweep_dir", type=Path)
     p.add_argument("--metric", default="recall_nll_far")
     p.add_argument("--out", type=Path)
+    p.add_argument("--png", type=Path, help="where the plot goes (default: OUT/eta_grid.png)")
     args = p.parse_args()
     runs = load(args.sweep_dir)
     if not runs:
@@ -168,7 +171,7 @@ def main() -> int:
     text = "\n".join(tables(runs, m) for m in (args.metric, "recall_acc_far", "recall_acc_near"))
     (out / "eta_grid.md").write_text(text)
     print(text)
-    print(f"wrote {out / 'eta_grid.md'}, {plot(runs, args.metric, out / 'eta_grid.png')}")
+    print(f"wrote {out / 'eta_grid.md'}, {plot(runs, args.metric, args.png or out / 'eta_grid.png')}")
     return 0
 
 

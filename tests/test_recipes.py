@@ -1,6 +1,8 @@
-"""The Moshi-7B recipes: windows beyond the attention window, and their memory estimate."""
+"""The Moshi-7B recipes: windows beyond the attention window, the eta the README reasons for, and their
+memory estimate."""
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -28,6 +30,15 @@ def test_7b_recipes_train_on_windows_of_at_least_twice_the_attention_window(path
     assert cfg.data.num_frames >= 2 * context, (cfg.data.num_frames, context)
     assert cfg.data.num_frames >= 2 * cfg.ttt.chunk_size  # a window holds updates that later chunks read
     assert cfg.model.gradient_checkpointing
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_7b_recipes_use_the_eta_the_readme_reasons_for(path):
+    readme = (ROOT / "README.md").read_text()
+    m = re.search(r"\*\*The recipes' eta\*\*: `eta_norm: (\w+)`, `eta: ([0-9.e+-]+)`", readme)
+    assert m, "the README's Moshi-scale section states the recipes' eta"
+    ttt = load_config(path).ttt
+    assert (ttt.eta_norm, ttt.eta) == (m[1], float(m[2]))
 
 
 def test_memory_estimate_counts_the_recipe_on_the_meta_device():
