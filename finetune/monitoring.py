@@ -122,7 +122,7 @@ def ttt_telemetry(base) -> dict[str, float]:
     return {f"ttt/layer{i}/{k}": v for i, g in ttt_gatings(base).items() for k, v in g.telemetry().items()}
 
 
-# Console names of the telemetry a user reads to see whether TTT is off (~1e-6) or swamping (> 1).
+# Console names of the telemetry a user reads to see whether TTT is off (~1e-6), acting (~1) or swamping (tens).
 _CONSOLE_TTT = {"term_ratio": "ttt/base", "chunk_update_ratio": "dW/W0"}
 
 

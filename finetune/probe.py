@@ -3,8 +3,8 @@
 Runs a model (a training config's model: tiny, or a Moshi checkpoint; or a run's checkpoint) over a
 few batches of the config's training data, once per ``(eta_norm, eta)``, and reports per TTT layer
 the training telemetry (``moshi_ttt.layer.TELEMETRY``): the TTT term relative to the base term and
-one chunk's update relative to ``||W^(0)||``. Around 1e-6 TTT is effectively off; above 1 the TTT
-term swamps the layer.
+one chunk's update relative to ``||W^(0)||``. Around 1e-6 TTT is effectively off; around 1 it acts
+beside the base term; tens swamp the layer (the README's "Choosing eta" has the recall grid's bands).
 
 At initialisation the In-Place target path gives ``V = 0``, so every ratio is 0 whatever eta is.
 The probe then opens it (``TTTLayer.probe_init``: the conv's identity tap, ``V = X_src``) and says
@@ -171,7 +171,7 @@ def to_text(res: ProbeResult) -> str:
         lines.append(f"mean ||z||^2 per layer: {zs}   (raw eta e <-> eta_norm zsq eta e x mean ||z||^2)")
     lines += [
         "ttt/base: ||TTT term|| / ||base term Z W0^T||;  dW/W0: one chunk's update / ||W0||",
-        "(about 1e-6: TTT effectively off; above 1: the TTT term swamps the layer)",
+        "(about 1e-6: TTT effectively off; about 1: beside the base term; tens: the TTT term swamps the layer)",
         "",
     ]
     w = max(9, 8 * len(L))
