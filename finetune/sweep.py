@@ -32,7 +32,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,12 +257,11 @@ class Sweep:
         }
 
 
-def last_metrics(run_dir: Path) -> dict[str, Any]:
-    """The latest value of every logged metric: ``eval_<name>`` for eval records, ``<name>`` for train."""
+def _records(run_dir: Path) -> Iterator[dict[str, Any]]:
+    """The train and eval records of ``run_dir/metrics.jsonl``, each key named as in :func:`last_metrics`."""
     path = Path(run_dir) / "metrics.jsonl"
-    out: dict[str, Any] = {}
     if not path.is_file():
-        return out
+        return
     for line in path.read_text().splitlines():
         try:
             r = json.loads(line)
@@ -270,10 +269,26 @@ def last_metrics(run_dir: Path) -> dict[str, Any]:
             continue  # a line cut by a crash
         prefix = "eval_" if r.get("kind") == "eval" else ""
         if r.get("kind") in ("train", "eval"):
-            for k, v in r.items():
-                if k not in ("kind", "time"):
-                    out[prefix + k] = v
+            yield {prefix + k: v for k, v in r.items() if k not in ("kind", "time")}
+
+
+def last_metrics(run_dir: Path) -> dict[str, Any]:
+    """The latest value of every logged metric: ``eval_<name>`` for eval records, ``<name>`` for train."""
+    out: dict[str, Any] = {}
+    for r in _records(run_dir):
+        out.update(r)
     return out
+
+
+def metric_curve(run_dir: Path, metric: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of every record of ``metric`` (named as in :func:`last_metrics`), in step order;
+    a step logged twice (a resumed run) keeps its latest value, a null (non-finite) value is left out."""
+    points: dict[int, float] = {}
+    step_key = "eval_step" if metric.startswith("eval_") else "step"
+    for r in _records(run_dir):
+        if r.get(metric) is not None and r.get(step_key) is not None:
+            points[int(r[step_key])] = float(r[metric])
+    return sorted(points.items())
 
 
 def markdown_table(rows: list[dict[str, Any]], cols: list[str]) -> str:

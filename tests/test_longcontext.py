@@ -12,7 +12,7 @@ import yaml
 from conftest import manifest_data
 
 from finetune.data.recall import DEF, FIRST_KEY, QRY, RecallTask, receptive_field
-from finetune.sweep import Sweep, last_metrics
+from finetune.sweep import Sweep, last_metrics, metric_curve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -378,3 +378,43 @@ def test_eta_grid_finds_the_best_eta_per_cell_and_its_normalised_value(tmp_path)
     assert out.returncode == 0, out.stderr
     assert "| 64 | 8 | 1 | 100 | 100 |" in out.stdout and "| 128 | 8 | 0.1 | 1e+03 | 100 |" in out.stdout
     assert (sweep / "eta_grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _fake_metrics(run: Path, records: list[dict]) -> None:
+    run.mkdir(parents=True)
+    lines = [json.dumps(r) for r in records] + ['{"kind": "eval", "step": 9']  # a line cut by a crash
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_metric_curves_and_their_plot(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _fake_metrics(
+        a,
+        [
+            {"kind": "train", "step": 1, "time": 0.0, "loss": 3.0},
+            {"kind": "eval", "step": 2, "time": 0.0, "recall_acc_far": 0.1},
+            {"kind": "train", "step": 2, "time": 0.0, "loss": None},  # non-finite, logged as null
+            {"kind": "eval", "step": 4, "time": 0.0, "recall_acc_far": 0.4},
+            {"kind": "eval", "step": 4, "time": 1.0, "recall_acc_far": 0.5},  # the resumed run's record
+        ],
+    )
+    _fake_metrics(b, [{"kind": "eval", "step": 2, "time": 0.0, "recall_acc_far": 0.07}])
+    assert metric_curve(a, "eval_recall_acc_far") == [(2, 0.1), (4, 0.5)]
+    assert metric_curve(a, "loss") == [(1, 3.0)]
+    assert metric_curve(b, "loss") == []
+    assert last_metrics(a)["eval_recall_acc_far"] == 0.5 and last_metrics(a)["step"] == 2
+    script = [sys.executable, str(ROOT / "scripts/plot_curves.py")]
+    out = tmp_path / "c.png"
+    r = subprocess.run(
+        [*script, f"TTT={a}", str(b), "--metrics", "eval_recall_acc_far", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_size > 1000 and "TTT" in r.stdout and "step       4: 0.5" in r.stdout
+    r = subprocess.run(
+        [*script, str(a), "--metrics", "recall_acc_far", "--out", str(out)], capture_output=True, text=True
+    )
+    assert r.returncode == 2 and "no run logged 'recall_acc_far'" in r.stderr and "eval_<name>" in r.stderr
+    r = subprocess.run([*script, str(tmp_path / "none"), "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 2 and "metrics.jsonl does not exist" in r.stderr

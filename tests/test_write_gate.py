@@ -24,10 +24,11 @@ from moshi_ttt.tiny import build_tiny_lm
 D, H, C, K = 8, 12, 4, 2
 
 
-def _gating(dtype=torch.float64, seed=0):
+def _gating(dtype=torch.float64, seed=0, **kw):
     torch.manual_seed(seed)
     mlp = ActivationGating(D, 2 * H, activation=F.silu).to(dtype)  # moshi's gated MLP: linear_in [2h, d]
-    g = TTTGating.from_gating(mlp, TTTConfig(chunk_size=C, eta=0.3, conv_kernel_size=K, write_gate=True))
+    cfg = TTTConfig(chunk_size=C, eta=0.3, conv_kernel_size=K, write_gate=True, **kw)
+    g = TTTGating.from_gating(mlp, cfg)
     with torch.no_grad():
         g.target_conv.normal_(std=0.5)
         g.target_proj.add_(torch.randn_like(g.target_proj) * 0.2)
@@ -56,8 +57,9 @@ def _reference(g: TTTGating, x: torch.Tensor, src: torch.Tensor):
     return ttt_reference(z, v, g.w_down, g.config.eta, C)
 
 
-def test_gated_layer_equals_the_reference_with_every_gradient():
-    g = _gating()
+@pytest.mark.parametrize("form", ["dual", "scan"])
+def test_gated_layer_equals_the_reference_with_every_gradient(form):
+    g = _gating(fast_form=form)
     B, T = 2, 3 * C + 1
     x = torch.randn(B, T, D, dtype=torch.float64, requires_grad=True)
     src = torch.randn(B, T, D, dtype=torch.float64, requires_grad=True)
@@ -72,6 +74,23 @@ def test_gated_layer_equals_the_reference_with_every_gradient():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
     assert g.write_gate_w.grad is None  # autograd.grad leaves .grad alone
     assert grads[2].abs().sum() > 0 and grads[3].abs().sum() > 0  # the gate learns
+
+
+@pytest.mark.parametrize("form", ["dual", "scan"])
+def test_streamed_final_state_of_the_gated_layer_equals_the_reference(form):
+    """Token by token, the fast weight after 3 chunks equals the reference's final state."""
+    g = _gating(fast_form=form).eval()
+    B, T = 2, 3 * C
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    src = torch.randn(B, T, D, dtype=torch.float64)
+    ref, w_final = _reference(g, x, src)
+    with torch.no_grad(), g.streaming(B):
+        outs = [g(x[:, t : t + 1], src[:, t : t + 1]) for t in range(T)]
+        state = g._streaming_state
+        streamed = state.w0 + state.delta  # delta is float32 by design
+    torch.testing.assert_close(torch.cat(outs, 1), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(streamed.to(torch.float64), w_final, rtol=1e-5, atol=1e-5)
+    assert (w_final - g.w_down).abs().max() > 1e-3  # the gated updates did move the fast weight
 
 
 def test_a_closed_gate_writes_nothing_and_an_open_one_only_where_open():
