@@ -47,7 +47,9 @@ class ModelArgs:
     ``source: tiny`` builds a random-weight tiny Moshi (``tiny`` overrides its ``LMModel`` kwargs, see
     :func:`moshi_ttt.tiny.tiny_lm_kwargs`); ``hf`` loads ``hf_repo`` through moshi's ``CheckpointInfo``
     (``moshi_weights`` / ``config_path`` may point at local files or ``hf://`` paths); ``local`` needs
-    ``config_path`` (moshi's config.json) and ``moshi_weights`` (safetensors).
+    ``config_path`` (moshi's config.json) and ``moshi_weights`` (safetensors). ``context`` replaces
+    the main transformer's attention window (steps; Moshi-7B's is 3000) for fine-tuning, so that TTT
+    must carry what attention no longer sees; the moshi export's config.json keeps it.
     """
 
     # The base model: fixed on resume (the trained weights belong to it).
@@ -65,6 +67,8 @@ class ModelArgs:
     # A moshi_weights file that is not safetensors (moshi's .pt) is read with pickle, which can run code
     # stored in the file: refused unless this is true (only for files you trust).
     allow_pickle: bool = False
+    # Attention window (steps) for fine-tuning, replacing the checkpoint's; may change on resume.
+    context: int | None = None
 
 
 @dataclass
@@ -323,6 +327,8 @@ class TrainConfig:
             raise ConfigError(
                 "model.source local needs model.config_path (config.json) and model.moshi_weights"
             )
+        if self.model.context is not None and self.model.context < 1:
+            raise ConfigError(f"model.context: must be >= 1 steps or null (got {self.model.context})")
         if self.model.tiny and self.model.source != "tiny":
             raise ConfigError(
                 "model.tiny: only used with model.source tiny; remove it or set model.source: tiny"

@@ -123,8 +123,14 @@ def _materialise(model: nn.Module, device: torch.device) -> None:
                 raise ValueError(f"buffer {full} is missing from the checkpoint")
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> BuiltModel:
-    raw_config, weights = resolve_base(cfg)
+def build_model(
+    cfg: TrainConfig, device: torch.device, base: tuple[dict[str, Any], str | None] | None = None
+) -> BuiltModel:
+    """The model ``cfg`` trains. ``base``: ``(moshi config.json dict, weights path or None)`` instead of
+    ``cfg.model``'s source; with no weights a non-tiny model stays on the meta device (shapes only)."""
+    raw_config, weights = base if base is not None else resolve_base(cfg)
+    if cfg.model.context is not None:  # a shorter attention window for fine-tuning, kept in exports
+        raw_config = {**raw_config, "context": cfg.model.context}
     kwargs = lm_kwargs_of(raw_config)
     if cfg.model.source == "tiny":
         torch.manual_seed(cfg.seed)

@@ -116,6 +116,25 @@ def init_wandb(cfg, run_dir: Path, run_id: str | None, config_dict: dict[str, An
 
 
 def ttt_telemetry(base) -> dict[str, float]:
-    """Per TTT layer: In-Place TTT's ``||w_down - w_down_pretrained||`` (or TTT-MLP's gate) and the norm
-    of the last sequence's accumulated fast-weight update."""
+    """Per TTT layer: what its variant reports (``moshi_ttt.layer.TELEMETRY``, e.g. In-Place TTT's
+    ``||w_down - w_down_pretrained||``, the TTT term relative to the base term, one chunk's update
+    relative to ``||W^(0)||``)."""
     return {f"ttt/layer{i}/{k}": v for i, g in ttt_gatings(base).items() for k, v in g.telemetry().items()}
+
+
+# Console names of the telemetry a user reads to see whether TTT is off (~1e-6), acting (~1) or swamping (tens).
+_CONSOLE_TTT = {"term_ratio": "ttt/base", "chunk_update_ratio": "dW/W0"}
+
+
+def ttt_console_line(values: dict[str, Any]) -> str | None:
+    """``ttt/base L1 3.1e-03 L3 8.0e-03 | dW/W0 L1 ...`` from the logged telemetry, or None."""
+    parts = []
+    for key, label in _CONSOLE_TTT.items():
+        cells = [
+            f"L{name.split('/')[1].removeprefix('layer')} {v:.1e}"
+            for name, v in values.items()
+            if name.startswith("ttt/layer") and name.endswith("/" + key)
+        ]
+        if cells:
+            parts.append(f"{label} " + " ".join(cells))
+    return " | ".join(parts) or None

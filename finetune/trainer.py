@@ -28,12 +28,12 @@ from . import distributed as D
 from .args import TrainConfig, check_resume_compatible, config_to_yaml
 from .checkpointing import ResumePoint, Resumer, SaveSchedule, claimed_run_dir, save_checkpoint
 from .data import BatchPlan, ResumableLoader
-from .data.build import build_datasets
+from .data.build import build_datasets, report_windows
 from .data.loader import eval_plan
 from .evaluation import evaluate
 from .loss import loss_weights, training_loss
 from .model import build_model, param_table
-from .monitoring import Metrics, fmt_duration, init_wandb, setup_logging, ttt_telemetry
+from .monitoring import Metrics, fmt_duration, init_wandb, setup_logging, ttt_console_line, ttt_telemetry
 from .optim import apply_new_lrs, build_optimizer
 from .preflight import absolute_paths, check_config_paths
 from .schema import to_dict
@@ -104,6 +104,7 @@ class Trainer:
     def _setup_data(self) -> None:
         cfg, rank, world = self.cfg, self.dist.rank, self.dist.world_size
         self.train_set, self.eval_set = build_datasets(cfg, self.base)
+        report_windows(cfg, self.base, self.train_set)
         plan = BatchPlan(
             len(self.train_set), cfg.batch_size, rank, world, seed=cfg.seed, shuffle=cfg.data.shuffle
         )
@@ -278,6 +279,9 @@ class Trainer:
             values["frames_per_s"],
             fmt_duration(per_step * (self.cfg.max_steps - step)),
         )
+        ttt_line = ttt_console_line(values)
+        if ttt_line:
+            logger.info("step %d | %s", step, ttt_line)
 
     def _evaluate(self, step: int) -> dict[str, float]:
         ev = evaluate(self.model, self.base, self.eval_set, self.cfg, self.dist)

@@ -20,7 +20,7 @@ from .checkpoint import (  # noqa: E402
     to_moshi_state_dict,
     ttt_state_dict,
 )
-from .config import TARGET_SOURCES, TTTConfig  # noqa: E402
+from .config import ETA_NORMS, TARGET_SOURCES, TTTConfig  # noqa: E402
 from .gating import TTTGating  # noqa: E402
 from .layer import ParamGroup, TTTLayer, named_ttt_layers  # noqa: E402
 from .patch import apply_ttt, set_ttt_updates, ttt_gatings, ttt_info  # noqa: E402
@@ -30,6 +30,7 @@ from .variants import VARIANTS  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
+    "ETA_NORMS",
     "TARGET_SOURCES",
     "VARIANTS",
     "ParamGroup",

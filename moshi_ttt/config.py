@@ -17,6 +17,7 @@ from .ops.inplace import PRECISIONS as UPDATE_PRECISIONS
 
 TARGET_SOURCES = ("text_emb", "input_emb", "hidden")
 FAST_FORMS = ("auto", "dual", "scan")
+ETA_NORMS = ("none", "zsq")
 # Field metadata of the settings the TTT parameters depend on (which exist, their shapes, what they
 # read): a checkpoint is tied to them (finetune's resume check refuses a change).
 _FIXED = {"fixed_on_resume": True}
@@ -33,6 +34,13 @@ class TTTConfig:
             depends on the scale of ``Z`` and ``V``; sweep it on a log scale. For ``variant: mlp`` it
             is the base inner learning rate: token ``t``'s rate is ``eta * sigmoid(x_t w + b) / head_dim``
             (ttt-lm-pytorch's ``ttt_base_lr``, 1.0 there).
+        eta_norm: ``none`` (raw ``eta``, what the paper's ``eta = 3`` means) or ``zsq``: each chunk's
+            update is divided by the chunk's mean ``||z_t||^2`` (computed in the forward pass), so
+            ``W^(i) = W^(i-1) + eta * V[i]^T Z[i] / mean_t ||z_t||^2``. Then what an update adds to a
+            later output, ``eta * sum_t (z_s . z_t) v_t / mean ||z||^2``, no longer grows with the
+            MLP width or the checkpoint's activation scale. A raw ``eta`` corresponds to
+            ``eta * mean ||z||^2`` in ``zsq`` (the training telemetry logs ``z_sq_mean`` per layer).
+            In-Place TTT only.
         conv_kernel_size: taps ``K`` of the target convolution; position ``t`` sees ``t .. t+K-1``
             inside its own chunk (zero padding at the chunk's right edge).
         conv_depthwise: one filter per channel (``d*K`` weights) instead of a full ``d x d x K`` conv.
@@ -72,6 +80,7 @@ class TTTConfig:
 
     chunk_size: int = 512
     eta: float = 1e-2
+    eta_norm: str = "none"
     conv_kernel_size: int = field(default=2, metadata=_FIXED)
     conv_depthwise: bool = field(default=True, metadata=_FIXED)
     target_source: str = field(default="text_emb", metadata=_FIXED)
@@ -103,6 +112,8 @@ class TTTConfig:
             raise bad("eta", "must be a finite number")
         if self.eta < 0:
             raise bad("eta", "must be >= 0 (0 turns the fast-weight updates off)")
+        if self.eta_norm not in ETA_NORMS:
+            raise bad("eta_norm", f"must be one of {', '.join(ETA_NORMS)}")
         if not _is_int(self.conv_kernel_size) or self.conv_kernel_size < 1:
             raise bad("conv_kernel_size", "must be an integer >= 1")
         if not isinstance(self.conv_depthwise, bool):
@@ -136,6 +147,8 @@ class TTTConfig:
 
         if self.variant not in VARIANTS:
             raise bad("variant", f"must be one of {', '.join(VARIANTS)}")
+        if self.eta_norm != "none" and self.variant != "inplace":
+            raise bad("eta_norm", f"applies to variant inplace only (variant is {self.variant!r}); use none")
         for name in ("mlp_heads", "mlp_expansion"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise bad(name, "must be an integer >= 1")

@@ -12,6 +12,11 @@
   ``target_conv`` starts at zero and ``target_proj`` at the identity, so ``V = 0`` and the model
   equals the base model at step 0, while ``dLoss/d target_conv = X * (dLoss/dV)`` is nonzero, so
   the target path learns (two zero factors would form a saddle with no gradient).
+- ``eta_norm: zsq`` divides each chunk's update by the chunk's mean ``||z_t||^2``. A per-chunk
+  scalar on ``V[i]^T Z[i]`` is the same as dividing that chunk's target ``V[i]`` by it, so it lives
+  here (:meth:`TTTGating.update_target`) and the fast-weight ops never see it; streaming applies it
+  when a chunk completes, over the chunk buffer, with the same function training applies to the chunk
+  grid (:func:`chunk_mean_sq`), and the gradient flows through the statistic as through ``V``.
 
 Training (no streaming state) runs :func:`moshi_ttt.ops.inplace.ttt_chunked` over the whole sequence.
 Streaming keeps one float32 accumulated update ``delta = W^(i-1) - W^(0)`` per batch element in
@@ -37,6 +42,29 @@ from .config import TTTConfig
 from .layer import ParamGroup, TTTLayer, TTTState, full_tensor
 from .ops.common import no_autocast
 from .ops.inplace import base_term, ttt_chunked
+
+# Floor of the zsq statistic: keeps an all-zero chunk (whose update is zero anyway) finite.
+_ZSQ_FLOOR = 1e-12
+
+
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """float32, or float64 when ``t`` is (the fast-weight ops' compute dtype)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def chunk_mean_sq(z: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``[B, T]``: at each step, the mean ``||z_t||^2`` of its chunk (float32, float64 for float64
+    ``z``), on the chunk grid that starts at ``z[:, 0]`` (a partial last chunk averages over its own
+    steps). The statistic of ``eta_norm: zsq``; training calls it on the whole sequence, streaming
+    on a completed chunk's ``[B, C, h]`` buffer, which reduces the same numbers in the same order."""
+    B, T, _ = z.shape
+    n = math.ceil(T / chunk_size)
+    sq = _up(z).square().sum(-1)  # [B, T]
+    if n * chunk_size != T:
+        sq = F.pad(sq, (0, n * chunk_size - T))
+    sums = sq.view(B, n, chunk_size).sum(-1)  # [B, n]
+    counts = (T - chunk_size * torch.arange(n, device=z.device)).clamp(max=chunk_size)  # [n]
+    return (sums / counts).repeat_interleave(chunk_size, dim=1)[:, :T]
 
 
 @dataclass
@@ -137,6 +165,19 @@ class TTTGating(TTTLayer[_TTTState]):
             if self.target_proj.device.type != "meta":
                 self.target_proj.copy_(torch.eye(self.dim, dtype=self.target_proj.dtype))
 
+    @torch.no_grad()
+    def probe_init(self) -> bool:
+        """At initialisation the conv is zero, so ``V = 0`` and no update does anything: set the conv
+        to the identity tap (step ``t`` reads its own source) so that ``V = X_src W_target^T``, which
+        is ``X_src`` while ``W_target`` is still the identity. A trained target path is left alone."""
+        if bool(self.target_conv.any()):
+            return False
+        if self.config.conv_depthwise:
+            self.target_conv[:, 0, 0] = 1.0
+        else:
+            self.target_conv[:, :, 0] = torch.eye(self.dim, dtype=self.target_conv.dtype)
+        return True
+
     def _map_vanilla_keys(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         """Let a vanilla Moshi (or LoRA-wrapped) state dict load: ``linear_out.weight`` -> ``w_down``."""
         for key in (prefix + "linear_out.weight", prefix + "linear_out.frozen_W.weight"):
@@ -154,6 +195,7 @@ class TTTGating(TTTLayer[_TTTState]):
         c = self.config
         return (
             f"dim={self.dim}, hidden={self.hidden}, chunk_size={c.chunk_size}, eta={c.eta}, "
+            f"eta_norm={c.eta_norm}, "
             f"target_source={c.target_source}, conv_kernel_size={c.conv_kernel_size}, "
             f"conv_depthwise={c.conv_depthwise}"
         )
@@ -179,12 +221,22 @@ class TTTGating(TTTLayer[_TTTState]):
             v = v * (2 * torch.sigmoid(logit)).to(v.dtype)  # [B, T, d] * [B, T, 1]
         return v
 
+    def update_target(self, src: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The ``V`` the update ``eta * V[i]^T Z[i]`` uses, ``[B, T, d]``: :meth:`target`, divided by
+        its chunk's mean ``||z||^2`` under ``eta_norm: zsq`` (then in float32 or float64). ``z`` is
+        ``[B, T, h]`` on the same chunk grid."""
+        v = self.target(src)
+        if self.config.eta_norm == "zsq":
+            s = chunk_mean_sq(z, self.config.chunk_size).clamp_min(_ZSQ_FLOOR)  # [B, T]
+            v = v.to(s.dtype) / s.unsqueeze(-1)
+        return v
+
     def _forward_sequence(self, x: torch.Tensor, src: torch.Tensor, update: bool) -> torch.Tensor:
         z = self.activations(x)
         if not update:  # every chunk with W^(0): Moshi's own linear_out with w_down as its weight
             with no_autocast(z.device):
                 return base_term(z, self.w_down).to(z.dtype)
-        v = self.target(src)
+        v = self.update_target(src, z)
         out, _ = ttt_chunked(
             z,
             v,
@@ -195,12 +247,40 @@ class TTTGating(TTTLayer[_TTTState]):
             return_final=False,
             precision=self.config.update_precision,
         )
-        if self.record_stats:
-            with torch.no_grad():
-                # Frobenius norm of the whole sequence's accumulated update eta * V^T Z, mean over batch.
-                upd = torch.bmm(v.detach().float().transpose(1, 2), z.detach().float())
-                self.last_update_norm = (self.config.eta * upd).norm(dim=(1, 2)).mean()
+        if self.record_stats:  # once: a gradient-checkpointing recompute does not pay for it again
+            self.last_stats = self.sequence_stats(z, v)
+            self.record_stats = False
         return out
+
+    @torch.no_grad()
+    def sequence_stats(self, z: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The telemetry of one sequence forward (``moshi_ttt.layer.TELEMETRY``), from its activations
+        ``z [B, T, h]`` and update targets ``v [B, T, d]`` (:meth:`update_target`). Costs about one more
+        forward of the layer, so training computes it on logging steps only."""
+        eta, C = self.config.eta, self.config.chunk_size
+        zf, vf = z.detach().float(), v.detach().float()
+        B, T, h = zf.shape
+        w0 = self.w_down.detach()
+        base = base_term(z.detach(), w0).float()  # [B, T, d]: the output with W^(0)
+        # The TTT term alone, exactly (out - base would carry out's rounding under bf16).
+        zero = torch.zeros(w0.shape, device=zf.device, dtype=torch.float32)
+        term, _ = ttt_chunked(zf, vf, zero, eta, C, form=self.config.fast_form, return_final=False)
+        upd = torch.bmm(vf.transpose(1, 2), zf)  # [B, d, h]: the whole sequence's V^T Z
+        stats = {
+            "update_norm": (eta * upd).norm(dim=(1, 2)).mean(),
+            "term_ratio": term.norm() / base.norm().clamp_min(1e-30),
+            "z_sq_mean": zf.square().sum(-1).mean(),
+        }
+        n = T // C  # complete chunks (a trailing partial chunk's update is never applied)
+        if n:
+            zc = zf[:, : n * C].reshape(B * n, C, h)
+            vc = vf[:, : n * C].reshape(B * n, C, -1)
+            # ||V_i^T Z_i||_F^2 = sum_{s,t} (v_s . v_t)(z_s . z_t): two [C, C] Gram matrices per chunk
+            # instead of one [d, h] weight per chunk.
+            sq = (torch.bmm(vc, vc.transpose(1, 2)) * torch.bmm(zc, zc.transpose(1, 2))).sum((1, 2))
+            w0_norm = w0.float().norm().clamp_min(1e-30)
+            stats["chunk_update_ratio"] = eta * sq.clamp_min(0).sqrt().mean() / w0_norm
+        return stats
 
     # ---------------------------------------------------------------- streaming
     def _init_streaming_state(self, batch_size: int) -> _TTTState:
@@ -225,11 +305,11 @@ class TTTGating(TTTLayer[_TTTState]):
         """W^(i) = W^(i-1) + eta V[i]^T Z[i] for the elements in ``done``."""
         eta = self.config.eta
         if bool(done.all()):
-            v = self.target(state.buf_src).to(torch.float32)  # [B, C, d] over the whole chunk
+            v = self.update_target(state.buf_src, state.buf_z).float()  # [B, C, d] over the whole chunk
             state.delta.baddbmm_(v.transpose(1, 2), state.buf_z, alpha=eta)  # in place
         else:
             idx = done.nonzero().flatten().tolist()
-            v = self.target(state.buf_src[idx]).to(torch.float32)  # [k, C, d]
+            v = self.update_target(state.buf_src[idx], state.buf_z[idx]).float()  # [k, C, d]
             for j, b in enumerate(idx):
                 state.delta[b].addmm_(v[j].t(), state.buf_z[b], alpha=eta)
 

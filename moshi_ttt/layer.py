@@ -23,7 +23,8 @@ A variant **declares** (class attributes):
 A variant **implements**: ``_wrap`` (build from moshi's gating), :meth:`TTTLayer.init_new_parameters`,
 ``_forward_sequence`` (training: the whole sequence at once), ``_init_streaming_state`` (a
 :class:`TTTState`), ``_forward_stream`` (around the shared chunk loop), the loop's two hooks
-``_chunk_start_output`` and ``_apply_update``, and ``_param_telemetry``.
+``_chunk_start_output`` and ``_apply_update``, and ``_param_telemetry``; with ``record_stats`` set,
+its sequence forward fills ``last_stats`` with what it can of :data:`TELEMETRY`.
 
 The base class **owns**: the input checks, the dispatch between the training forward, eager
 streaming and graph-mode steps, the streaming chunk loop (per-element positions, ``exec_mask``,
@@ -45,6 +46,15 @@ from torch import nn
 
 if TYPE_CHECKING:
     from .config import TTTConfig
+
+
+# What a variant records in ``last_stats`` (each optional), all means over the batch:
+TELEMETRY = {
+    "update_norm": "norm of the whole sequence's accumulated fast-weight update",
+    "term_ratio": "||TTT term of the output|| / ||output with the fast weights at W^(0)||",
+    "chunk_update_ratio": "one complete chunk's update ||dW|| / ||W^(0)|| (mean over chunks)",
+    "z_sq_mean": "mean ||z_t||^2 of the activations the fast weight reads",
+}
 
 
 @dataclass(frozen=True)
@@ -113,8 +123,11 @@ class TTTLayer(StreamingModule[S]):
         # forward, in eager streaming and in graph-mode steps alike (same weights, no TTT).
         self.updates_enabled = True
         self.graph_mode = False  # streaming: the capturable one-step path, set by TTTLMGen per step
-        self.record_stats = False  # training telemetry: keep last_update_norm of the next forward
-        self.last_update_norm: torch.Tensor | None = None
+        # Training telemetry: with record_stats set, the next sequence forward keeps its statistics
+        # (TELEMETRY keys, 0-dim tensors) in last_stats until telemetry() reads them, and clears
+        # record_stats (a gradient-checkpointing recompute of that forward records nothing).
+        self.record_stats = False
+        self.last_stats: dict[str, torch.Tensor] = {}
 
     @property
     def freeze_updates(self) -> bool:
@@ -199,13 +212,18 @@ class TTTLayer(StreamingModule[S]):
         """How far the layer's weights moved from where the base model puts them."""
 
     def telemetry(self) -> dict[str, float]:
-        """Training telemetry: :meth:`_param_telemetry` and the norm of the last recorded sequence's
-        accumulated fast-weight update (``record_stats``). Collective under FSDP2."""
+        """Training telemetry: :meth:`_param_telemetry` and the statistics of the last sequence forward
+        run with ``record_stats`` set (:data:`TELEMETRY`), each read once. Collective under FSDP2."""
         out = self._param_telemetry()
-        if self.last_update_norm is not None:
-            out["update_norm"] = self.last_update_norm.item()
-            self.last_update_norm = None
+        out.update({k: float(v) for k, v in self.last_stats.items()})
+        self.last_stats = {}
         return out
+
+    def probe_init(self) -> bool:
+        """Give a layer whose TTT term is zero at initialisation by construction a fixed nonzero one,
+        so what its updates would do can be measured before any training (``scripts/probe_eta.py``).
+        Returns whether it changed the layer. The default changes nothing."""
+        return False
 
     # ---------------------------------------------------------------- forward
     def activations(self, x: torch.Tensor) -> torch.Tensor:

@@ -207,12 +207,22 @@ class TTTMLPGating(TTTLayer[_MLPState]):
                 return self.base(x) + self._merge(o, x)
             inner = InnerParams(self._init(), *self._ln(), self.token_offset)
             o, final = ttt_mlp_chunked(xq, xk, xv, lr, inner, self.config.chunk_size)
+        base = self.base(x)
         if self.record_stats:
-            with torch.no_grad():
+            with torch.no_grad(), no_autocast(x.device):
                 init = FastWeights.expand(self._init(), x.shape[0])
-                upd = [(a - b).flatten(1).norm(dim=1) ** 2 for a, b in zip(final.tuple(), init.tuple())]
-                self.last_update_norm = torch.stack(upd).sum(0).sqrt().mean()
-        return self.base(x) + self._merge(o, x)
+                upd = [
+                    (a - b.float()).flatten(1).norm(dim=1) ** 2 for a, b in zip(final.tuple(), init.tuple())
+                ]
+                # The TTT term: the branch with the updated fast weights minus the branch at W^(0).
+                b0 = self._merge(read_out(init, xq, *self._ln()), x).float()
+                term = self._merge(o, x).float() - b0
+                self.last_stats = {
+                    "update_norm": torch.stack(upd).sum(0).sqrt().mean(),
+                    "term_ratio": term.norm() / (base.float() + b0).norm().clamp_min(1e-30),
+                }
+            self.record_stats = False  # once per request (not again in a checkpointing recompute)
+        return base + self._merge(o, x)
 
     # ---------------------------------------------------------------- streaming
     def _init_streaming_state(self, batch_size: int) -> _MLPState:

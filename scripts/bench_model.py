@@ -68,7 +68,11 @@ def bench_config(path: Path, tiny: bool, chunk: int | None, device: torch.device
     if tiny:
         over["ttt"]["layer_frequency"] = 2
     raw = __import__("yaml").safe_load(path.read_text())
-    raw.pop("model", None)  # the config's checkpoint source; the architecture comes from `arch`
+    # The config's checkpoint source goes; the architecture comes from `arch`, with the config's
+    # fine-tuning attention context (model.context) if it sets one.
+    context = (raw.pop("model", None) or {}).get("context")
+    if context is not None:
+        over["model"]["context"] = context
     return load_config(None, _merge(raw, over))
 
 

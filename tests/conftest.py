@@ -77,6 +77,13 @@ def tiny_ds(tmp_path_factory):
     return out / "ds"
 
 
+def manifest_data(ds: Path, **extra) -> dict:
+    """The ``data`` section of a training config reading the ``tiny_ds`` dataset."""
+    files = {"train": "train.jsonl", "eval": "eval.jsonl", "tokenizer": "tokenizer.model"}
+    files |= {"mimi_weights": "mimi.safetensors", "mimi_config": "mimi_config.json"}
+    return {"source": "manifest", **{k: str(ds / v) for k, v in files.items()}, **extra}
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tiny_ds, tmp_path_factory):
     """A tiny LoRA + TTT run (8 steps on tiny_ds; TTT on layer 1, chunk 8) with its checkpoint."""
@@ -99,15 +106,7 @@ def tiny_ckpt(tiny_ds, tmp_path_factory):
         },
         "ttt": {"layers": [1], "chunk_size": 8, "eta": 0.5},
         "optim": {"lr": 3e-3, "ttt_params_lr": 3e-2},
-        "data": {
-            "source": "manifest",
-            "train": str(tiny_ds / "train.jsonl"),
-            "eval": str(tiny_ds / "eval.jsonl"),
-            "tokenizer": str(tiny_ds / "tokenizer.model"),
-            "mimi_weights": str(tiny_ds / "mimi.safetensors"),
-            "mimi_config": str(tiny_ds / "mimi_config.json"),
-            "duration_sec": 4.0,
-        },
+        "data": manifest_data(tiny_ds, duration_sec=4.0),
     }
     train(load_config(None, apply_overrides(base, {})))
     return run

@@ -5,9 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import manifest_data
 
 from finetune.data.recall import DEF, FIRST_KEY, QRY, RecallTask, receptive_field
 from finetune.sweep import Sweep, last_metrics, metric_curve
@@ -304,6 +306,78 @@ def test_eval_script_writes_json_table_and_plot(recall_runs, tmp_path):
     assert "Recall: value accuracy" in md and "| ttt (TTT updates off) |" in md
     png = (tmp_path / "rep" / "long_context.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_windows_longer_than_the_context_and_conversations_shorter_than_the_window(tiny_ds, tmp_path, capsys):
+    """A tiny Moshi-7B-style recipe: windows (10 s, 125 steps) far beyond a reduced attention
+    context (model.context: 8 steps), on 7 s conversations, so the last 3 s of every window is
+    padding. Training reports it; the eval tools show loss by position beyond the window and leave
+    the padded positions out."""
+    from finetune.args import load_config
+    from finetune.longeval import evaluate_runs
+    from finetune.schema import apply_overrides
+    from finetune.trainer import train
+
+    run = tmp_path / "run"
+    cfg = {
+        "run_dir": str(run),
+        "device": "cpu",
+        "finetune": "lora",
+        "batch_size": 1,
+        "max_steps": 2,
+        "lora": {"rank": 4},
+        "model": {
+            "source": "tiny",
+            "tiny": {"dim": 32, "num_layers": 2, "num_heads": 2, "context": 64, "n_q": 8, "dep_q": 4},
+            "context": 8,
+        },
+        "ttt": {"layers": [1], "chunk_size": 16, "eta": 0.5},
+        "data": manifest_data(tiny_ds, duration_sec=10.0),
+        "eval": {"num_batches": 1},
+    }
+    train(load_config(None, apply_overrides(cfg, {})))
+    log = capsys.readouterr().out
+    assert "data: 3 windows of 125 steps (10 s); 30% of their frames are padding" in log
+    assert "30% of the training frames are padding" in log  # the warning, with what to do
+    exported = json.loads(next(run.glob("checkpoints/*/moshi/config.json")).read_text())
+    assert exported["context"] == 8  # inference runs with the context the model was tuned with
+    report = evaluate_runs([run], max_items=1, batch_size=1, bucket=8)
+    assert report["info"]["context"] == 8 and report["info"]["receptive_field"] == 14
+    for r in report["results"]:
+        edges, loss = r["position_edges"], r["text_loss"]
+        assert edges[-1] == 125 and len(loss) == 16
+        # Positions beyond the window and the receptive field are reported ...
+        assert all(v is not None and v > 0 for a, v in zip(edges, loss) if 8 <= a < 80)
+        # ... and the padded tail (7 s = 87.5 steps of conversation) is not.
+        assert all(v is None for a, v in zip(edges, loss) if a >= 88)
+
+
+def test_eta_grid_finds_the_best_eta_per_cell_and_its_normalised_value(tmp_path):
+    # Fake finished runs: far NLL with a minimum at raw eta 1 (dim 64) and 0.1 (dim 128), whose
+    # TTT layers logged mean ||z||^2 of 100 and 1000: both optima sit at normalised eta 100.
+    sweep = tmp_path / "sweep"
+    for dim, best, zsq in ((64, 1.0, 100.0), (128, 0.1, 1000.0)):
+        for eta in (0.01, 0.1, 1.0, 10.0):
+            run = sweep / f"dim={dim},eta={eta}"
+            run.mkdir(parents=True)
+            cfg = {
+                "max_steps": 4,
+                "seed": 0,
+                "model": {"tiny": {"dim": dim}},
+                "ttt": {"chunk_size": 8, "eta": eta},
+            }
+            (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+            nll = 1.0 + abs(np.log10(eta / best))
+            recs = [{"kind": "train", "step": s, "ttt/layer1/z_sq_mean": zsq} for s in (1, 3, 4)]
+            recs.append({"kind": "eval", "step": 4, "recall_nll_far": nll, "recall_acc_far": 1 / nll})
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (sweep / "unfinished").mkdir()
+    out = subprocess.run(
+        [sys.executable, "scripts/eta_grid.py", str(sweep)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "| 64 | 8 | 1 | 100 | 100 |" in out.stdout and "| 128 | 8 | 0.1 | 1e+03 | 100 |" in out.stdout
+    assert (sweep / "eta_grid.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _fake_metrics(run: Path, records: list[dict]) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -91,6 +92,8 @@ def test_every_shipped_config_validates(path):
         ({"model.source": "local"}, r"model.source local needs model.config_path"),
         ({"max_steps": 0}, r"max_steps: must be >= 1"),
         ({"optim.betas": [0.9]}, r"optim.betas"),
+        ({"model.context": 0}, r"model.context: must be >= 1"),
+        ({"ttt.eta_norm": "l2"}, r"TTTConfig.eta_norm"),
     ],
 )
 def test_bad_config_is_refused_with_the_key(tmp_path, over, match):
@@ -162,7 +165,7 @@ def test_keys_fixed_on_resume_are_marked_where_they_are_declared(caplog):
 # ---------------------------------------------------------------- training and resume
 
 
-def test_loss_decreases_and_checkpoint_layout(tmp_path):
+def test_loss_decreases_and_checkpoint_layout(tmp_path, capsys):
     cfg = tiny_cfg(tmp_path / "run", max_steps=30, **{"optim.lr": 3e-3, "checkpoint.interval": 0})
     summary = train(cfg)
     ls = losses(tmp_path / "run")
@@ -185,6 +188,10 @@ def test_loss_decreases_and_checkpoint_layout(tmp_path):
     assert ev["text_ppl"] == pytest.approx(torch.tensor(nll[0]).exp().item(), rel=1e-6)  # exp, not 2**
     tr = [r for r in rec if r["kind"] == "train"][-1]
     assert tr["ttt/layer1/update_norm"] > 0 and tr["ttt/layer1/w_down_drift"] > 0
+    # The diagnostics a user reads to choose eta, per TTT layer, in metrics.jsonl and on the console.
+    assert 0 < tr["ttt/layer1/term_ratio"] < 10 and 0 < tr["ttt/layer1/chunk_update_ratio"] < 10
+    assert tr["ttt/layer1/z_sq_mean"] > 0
+    assert re.search(r"step 30 \| ttt/base L1 \d\.\de[-+]\d\d .*\| dW/W0 L1 ", capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])

@@ -200,6 +200,19 @@ class ConversationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.windows)
 
+    def window_stats(self, context: int) -> dict[str, float]:
+        """From the manifest's durations: how much of the windows is padding (loss-masked, but
+        computed like real frames) and what share of windows holds more conversation than the
+        attention ``context`` (steps), the only ones where a TTT fast weight can carry something
+        attention cannot."""
+        T = self.num_frames
+        valid = [min(T, self.entries[i].duration * FRAME_RATE - w * T) for i, w in self.windows]
+        return {
+            "windows": len(valid),
+            "padding": 1.0 - sum(valid) / (T * len(valid)) if valid else 0.0,
+            "beyond_context": sum(v > context for v in valid) / len(valid) if valid else 0.0,
+        }
+
     def item(self, index: int) -> torch.Tensor:
         """The token grid of window ``index``; BadItem if its file is unusable."""
         i, w = self.windows[index]
