@@ -272,6 +272,22 @@ def test_long_sequences_with_large_inputs_keep_outputs_and_gradients_finite_and_
         assert grad is not None and torch.isfinite(grad).all(), name
 
 
+def test_telemetry_term_ratio_is_what_the_updates_add_over_the_output_at_the_initial_weights():
+    # term_ratio = ||TTT term|| / ||output at W^(0)||, the TTT term being what the updates add: the
+    # layer's output with updates on minus with them off (the public switch, an independent path).
+    layer = _layer(C=4)
+    x = torch.randn(2, 13, layer.dim)
+    with torch.no_grad():
+        layer.updates_enabled = False
+        off = layer(x)
+        layer.updates_enabled = True
+        layer.record_stats = True
+        on = layer(x)
+    t = layer.telemetry()
+    assert t["term_ratio"] == pytest.approx(((on - off).norm() / off.norm()).item(), rel=1e-4)
+    assert t["update_norm"] > 0 and not layer.record_stats and "term_ratio" not in layer.telemetry()
+
+
 # ---------------------------------------------------------------- in the model
 def make(layers=(0, 2), seed=0, context=16, **kw):
     base = build_tiny_lm(seed=seed, context=context)
