@@ -38,6 +38,24 @@ class EvalResult:
     recall_acc: list[float | None] = field(default_factory=list)
     recall_nll: list[float | None] = field(default_factory=list)
     recall_count: list[int] = field(default_factory=list)
+    # Far queries by what was predicted (ERROR_KINDS): shares of the far queries, and their number.
+    far_answers: dict[str, float] = field(default_factory=dict)
+    far_count: int = 0
+
+
+# What a far query's top prediction is: its value, the value of another definition of the same
+# sequence (the fast weight holds the values but not which key they belong to), or neither.
+ERROR_KINDS = ("right", "another value of the sequence", "a value not in the sequence", "not a value")
+
+
+def answer_kind(pred: int, query, queries: list, values: range) -> str:
+    """Which of :data:`ERROR_KINDS` the prediction ``pred`` for ``query`` is (``queries``: all of the
+    sequence's queries; ``values``: the task's value token ids)."""
+    if pred == query.value:
+        return ERROR_KINDS[0]
+    if pred in {q.value for q in queries if q is not query}:
+        return ERROR_KINDS[1]
+    return ERROR_KINDS[2] if pred in values else ERROR_KINDS[3]
 
 
 def _buckets(values: np.ndarray, edges: list[int]) -> np.ndarray:
@@ -94,9 +112,15 @@ def evaluate_model(
         if has_queries(dataset) and distance_edges:
             if rec is None:
                 rec = np.zeros((3, len(distance_edges) - 1))  # per distance bucket: hits, NLL, count
+                kinds = dict.fromkeys(ERROR_KINDS, 0)
             for q, hit, nll in recall_scores(tl, dataset, idx):
                 d = int(_buckets(np.array([q.distance]), distance_edges)[0])
                 rec[:, d] += (hit, nll, 1)
+            values = range(dataset.first_value, dataset.first_value + dataset.num_values)
+            for b, i in enumerate(idx):
+                qs = dataset.queries(i)
+                for q in (q for q in qs if q.far):
+                    kinds[answer_kind(int(tl[b, q.value_pos].argmax()), q, qs, values)] += 1
     if sums_t is None:
         raise ValueError("the eval set has no valid item")
 
@@ -109,6 +133,8 @@ def evaluate_model(
         res.recall_acc = [float(a / c) if c else None for a, c in zip(rec[0], rec[2])]
         res.recall_nll = [float(a / c) if c else None for a, c in zip(rec[1], rec[2])]
         res.recall_count = [int(c) for c in rec[2]]
+        res.far_count = sum(kinds.values())
+        res.far_answers = {k: v / res.far_count for k, v in kinds.items()} if res.far_count else {}
     return res
 
 
@@ -187,6 +213,14 @@ def to_markdown(report: dict[str, Any]) -> str:
             ]
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
         lines.append("")
+        if any(r.get("far_answers") for r in res):
+            lines += ["Far queries: share of the answers of each kind", ""]
+            lines += ["| run | " + " | ".join(ERROR_KINDS) + " |", "|---|" + "---|" * len(ERROR_KINDS)]
+            for r in res:
+                if r.get("far_answers"):
+                    cells = [_fmt(r["far_answers"][k]) for k in ERROR_KINDS]
+                    lines.append(f"| {r['name']} (n={r['far_count']}) | " + " | ".join(cells) + " |")
+            lines.append("")
     e = res[0]["position_edges"] if res else []
     labels = [f"{a}-{b - 1}" for a, b in zip(e[:-1], e[1:])]
     for key, title in (

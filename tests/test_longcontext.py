@@ -302,8 +302,12 @@ def test_eval_script_writes_json_table_and_plot(recall_runs, tmp_path):
         assert len(r["text_loss"]) == len(r["position_edges"]) - 1 == 20  # 160 steps in buckets of 8
         assert all(v is None or v > 0 for v in r["text_loss"])
         assert r["distance_edges"] == [0, 16, 31, 10**9] and sum(r["recall_count"]) > 0
+        assert r["far_count"] == r["recall_count"][-1] > 0  # every far query classified once
+        assert abs(sum(r["far_answers"].values()) - 1) < 1e-9
+        assert abs(r["far_answers"]["right"] - r["recall_acc"][-1]) < 1e-9
     md = (tmp_path / "rep" / "long_context.md").read_text()
     assert "Recall: value accuracy" in md and "| ttt (TTT updates off) |" in md
+    assert "Far queries: share of the answers" in md and "another value of the sequence" in md
     png = (tmp_path / "rep" / "long_context.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -418,3 +422,18 @@ def test_metric_curves_and_their_plot(tmp_path):
     assert r.returncode == 2 and "no run logged 'recall_acc_far'" in r.stderr and "eval_<name>" in r.stderr
     r = subprocess.run([*script, str(tmp_path / "none"), "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 2 and "metrics.jsonl does not exist" in r.stderr
+
+
+def test_far_answer_kinds():
+    from finetune.data.recall import Query
+    from finetune.longeval import answer_kind
+
+    values = range(20, 36)
+    a, b = Query(50, 60, 21, True), Query(70, 70, 30, True)
+    near = Query(20, 5, 25, False)
+    qs = [near, a, b]
+    assert answer_kind(21, a, qs, values) == "right"
+    assert answer_kind(30, a, qs, values) == "another value of the sequence"  # the other far value
+    assert answer_kind(25, a, qs, values) == "another value of the sequence"  # a near pair's value
+    assert answer_kind(33, a, qs, values) == "a value not in the sequence"
+    assert answer_kind(3, a, qs, values) == "not a value"
