@@ -466,9 +466,16 @@ def _restore(point: ResumePoint, model: nn.Module, optimizer: torch.optim.Optimi
                 f"{path} holds a different set of trainable parameters (missing {missing[:5]}, extra "
                 f"{extra[:5]}): the finetune mode or freezing changed; start a new run_dir"
             )
-        bad = [n for n, t in saved.items() if t.shape != params[n].shape]
-        if bad:
-            raise CheckpointError(weights, f"tensor {bad[0]} has shape {list(saved[bad[0]].shape)}")
+        changed = [
+            (n, list(t.shape), list(params[n].shape)) for n, t in saved.items() if t.shape != params[n].shape
+        ]
+        if changed:  # a setting that shapes a parameter differs: a config mismatch, not a damaged file
+            n, was, now = changed[0]
+            raise ConfigError(
+                f"{weights}: {len(changed)} trainable parameters changed shape, e.g. {n} {was} -> {now}: a "
+                "setting that shapes the model differs from the checkpoint's (for TTT-MLP, ttt.chunk_size "
+                "shapes token_offset); resume with the checkpoint's settings or start a new run_dir"
+            )
         with torch.no_grad():
             for n, t in saved.items():
                 params[n].copy_(t.to(params[n].dtype))

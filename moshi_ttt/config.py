@@ -31,7 +31,9 @@ class TTTConfig:
         chunk_size: tokens (12.5 Hz frames for Moshi) per fast-weight update. Chunk ``i`` is computed
             with ``W^(i-1)``; its update only helps later chunks. 512 follows the paper's ablation.
         eta: the TTT learning rate in ``W^(i) = W^(i-1) + eta * V[i]^T Z[i]``. Its useful range
-            depends on the scale of ``Z`` and ``V``; sweep it on a log scale.
+            depends on the scale of ``Z`` and ``V``; sweep it on a log scale. For ``variant: mlp`` it
+            is the base inner learning rate: token ``t``'s rate is ``eta * sigmoid(x_t w + b) / head_dim``
+            (ttt-lm-pytorch's ``ttt_base_lr``, 1.0 there).
         eta_norm: ``none`` (raw ``eta``, what the paper's ``eta = 3`` means) or ``zsq``: each chunk's
             update is divided by the chunk's mean ``||z_t||^2`` (computed in the forward pass), so
             ``W^(i) = W^(i-1) + eta * V[i]^T Z[i] / mean_t ||z_t||^2``. Then what an update adds to a
@@ -67,9 +69,13 @@ class TTTConfig:
             ``eta`` its base inner learning rate; the conv/target settings do not apply).
         mlp_heads, mlp_expansion: heads of the TTT-MLP branch and the hidden size of each head's
             fast MLP as a multiple of the head dimension.
+        mlp_qk_norm: TTT-MLP: L2-normalise each head's queries and keys (ttt-video-dit does,
+            ttt-lm-pytorch does not).
 
     Fields marked ``fixed_on_resume`` in their metadata decide the TTT parameters; the others (chunk
-    size, eta, fast form) only how they are used.
+    size, eta, fast form, qk norm) only how they are used, with one exception: TTT-MLP's learned
+    per-position rate offsets have one entry per chunk position, so its ``chunk_size`` shapes a
+    parameter (a resume that changes it is refused when the weights are loaded).
     """
 
     chunk_size: int = 512
@@ -87,6 +93,7 @@ class TTTConfig:
     variant: str = field(default="inplace", metadata=_FIXED)
     mlp_heads: int = field(default=4, metadata=_FIXED)
     mlp_expansion: int = field(default=4, metadata=_FIXED)
+    mlp_qk_norm: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -145,6 +152,8 @@ class TTTConfig:
         for name in ("mlp_heads", "mlp_expansion"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise bad(name, "must be an integer >= 1")
+        if not isinstance(self.mlp_qk_norm, bool):
+            raise bad("mlp_qk_norm", "must be true or false")
 
     def resolve_layers(self, num_layers: int) -> list[int]:
         """The main-transformer layer indices that become TTT layers in a model of ``num_layers``."""

@@ -295,7 +295,9 @@ class TTTLayer(StreamingModule[S]):
     def _chunk_start_output(self, state: S, *pieces: torch.Tensor) -> torch.Tensor:
         """Hook: the output of a piece of steps that lies inside one chunk, with each element's
         chunk-start state. ``pieces``: the loop's ``inputs``, cut to the piece. A new tensor, never a
-        view of the state (the state changes before the pieces are concatenated)."""
+        view of the state (the state changes before the pieces are concatenated). A variant whose
+        fast weights also move inside a chunk (TTT-MLP) folds the piece into the state of the elements
+        in ``state.exec_mask`` here, and its output reads those moves."""
 
     @abc.abstractmethod
     def _apply_update(self, state: S, done: torch.Tensor) -> None:

@@ -566,6 +566,12 @@ def test_ttt_mlp_variant_trains_resumes_and_exports(tmp_path):
     assert tr["ttt/layer1/gate"] != 0.0 and "ttt/layer1/update_norm" in tr  # the gate moved off 0
     with pytest.raises(ConfigError, match="ttt.variant"):
         train(tiny_cfg(tmp_path / "m", **{**over, "ttt.variant": "inplace"}))
+    # TTT-MLP's per-position rate offsets have one entry per chunk position: a clear error, not a crash,
+    # and no checkpoint set aside as unloadable.
+    before = sorted(p.name for p in (tmp_path / "m" / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match=r"changed shape, e.g. .*token_offset \[4\] -> \[2\]"):
+        train(tiny_cfg(tmp_path / "m", max_steps=8, **{**over, "ttt.chunk_size": 2}))
+    assert sorted(p.name for p in (tmp_path / "m" / "checkpoints").iterdir()) == before
 
 
 def test_readme_parameter_table_is_what_the_code_prints():
