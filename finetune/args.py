@@ -165,10 +165,36 @@ class RecallDataArgs:
     num_values: int = field(default=16, metadata=FIXED_ON_RESUME)
     audio: Literal["silent", "uniform", "markov", "bank"] = field(default="silent", metadata=FIXED_ON_RESUME)
     filler_rate: float = field(default=0.0, metadata=FIXED_ON_RESUME)
+    # Where the facts are stated: Moshi's text stream, or the other speaker's audio codebooks (fixed
+    # code patterns of pattern_frames frames, or spoken words: word_codes from make_word_codes.py).
+    facts: Literal["text", "audio", "speech"] = field(default="text", metadata=FIXED_ON_RESUME)
+    pattern_frames: int = field(default=2, metadata=FIXED_ON_RESUME)
+    word_codes: str | None = field(default=None, metadata=FIXED_ON_RESUME)
+    # Share of the training items that are windows of the data.train conversations instead.
+    conversations: float = field(default=0.0, metadata=FIXED_ON_RESUME)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.filler_rate < 1.0:
-            raise ConfigError(f"data.recall.filler_rate: must be in [0, 1) (got {self.filler_rate})")
+        if not 0.0 <= self.filler_rate <= 1.0:
+            raise ConfigError(f"data.recall.filler_rate: must be in [0, 1] (got {self.filler_rate})")
+        if not 0.0 <= self.conversations < 1.0:
+            raise ConfigError(f"data.recall.conversations: must be in [0, 1) (got {self.conversations})")
+        if (
+            isinstance(self.pattern_frames, bool)
+            or not isinstance(self.pattern_frames, int)
+            or self.pattern_frames < 1
+        ):
+            raise ConfigError(
+                f"data.recall.pattern_frames: must be an integer >= 1 (got {self.pattern_frames!r})"
+            )
+        if self.facts == "speech" and not self.word_codes:
+            raise ConfigError(
+                "data.recall.facts: speech needs data.recall.word_codes (make it with scripts/make_word_codes.py)"
+            )
+
+    @property
+    def reads_manifests(self) -> bool:
+        """Whether the task reads the data.train / data.eval conversations (bank audio or mixed in)."""
+        return self.audio == "bank" or self.conversations > 0
 
 
 @dataclass
@@ -304,11 +330,14 @@ class TrainConfig:
         """Combinations that cannot work, caught before any model is built."""
         if self.finetune == "ttt_only" and not self.ttt.enabled:
             raise ConfigError("finetune: ttt_only trains only TTT parameters, but ttt.enabled is false")
-        if self.data.source == "recall" and self.data.recall.audio == "bank" and not self.data.train:
-            raise ConfigError(
-                "data.recall.audio: bank reads its audio windows from data.train (and data.eval) manifests; "
-                "set data.train"
+        r = self.data.recall
+        if self.data.source == "recall" and r.reads_manifests and not self.data.train:
+            what = (
+                "data.recall.audio: bank reads its audio windows"
+                if r.audio == "bank"
+                else ("data.recall.conversations mixes in conversation windows")
             )
+            raise ConfigError(f"{what} from data.train (and data.eval) manifests; set data.train")
         if self.data.source == "manifest" and not self.data.train:
             raise ConfigError(
                 "data.train: the path of a .jsonl manifest is required when data.source is manifest"

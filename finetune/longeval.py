@@ -41,6 +41,9 @@ class EvalResult:
     # Far queries by what was predicted (ERROR_KINDS): shares of the far queries, and their number.
     far_answers: dict[str, float] = field(default_factory=dict)
     far_count: int = 0
+    # Over every valid position: the text and audio NLL of the whole eval set (nats).
+    text_nll: float | None = None
+    audio_nll: float | None = None
 
 
 # What a far query's top prediction is: its value, the value of another definition of the same
@@ -128,6 +131,8 @@ def evaluate_model(
         return [float(a / c) if c > 0 else None for a, c in zip(s[0], s[1])]
 
     res = EvalResult(name, edges, ratio(sums_t), ratio(sums_a))
+    res.text_nll = float(sums_t[0].sum() / sums_t[1].sum()) if sums_t[1].sum() > 0 else None
+    res.audio_nll = float(sums_a[0].sum() / sums_a[1].sum()) if sums_a[1].sum() > 0 else None
     if rec is not None:
         res.distance_edges = list(distance_edges)
         res.recall_acc = [float(a / c) if c else None for a, c in zip(rec[0], rec[2])]
@@ -199,6 +204,10 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Attention window: {info['context']} steps; stacked receptive field: {info['receptive_field']} steps; "
         f"{info['eval_items']} eval sequences.",
+        "",
+        "| run | text NLL | audio NLL |",
+        "|---|---|---|",
+        *(f"| {r['name']} | {_fmt(r.get('text_nll'))} | {_fmt(r.get('audio_nll'))} |" for r in res),
         "",
     ]
     if res and res[0]["recall_acc"]:

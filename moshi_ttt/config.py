@@ -15,7 +15,7 @@ from typing import Any
 
 from .ops.inplace import PRECISIONS as UPDATE_PRECISIONS
 
-TARGET_SOURCES = ("text_emb", "input_emb", "hidden")
+TARGET_SOURCES = ("text_emb", "input_emb", "user_audio_emb", "hidden")
 FAST_FORMS = ("auto", "dual", "scan")
 ETA_NORMS = ("none", "zsq")
 # Field metadata of the settings the TTT parameters depend on (which exist, their shapes, what they
@@ -44,9 +44,11 @@ class TTTConfig:
         conv_kernel_size: taps ``K`` of the target convolution; position ``t`` sees ``t .. t+K-1``
             inside its own chunk (zero padding at the chunk's right edge).
         conv_depthwise: one filter per channel (``d*K`` weights) instead of a full ``d x d x K`` conv.
-        target_source: what the target convolution reads: ``text_emb`` (the text-token embedding),
-            ``input_emb`` (the summed text + audio embedding entering the transformer) or ``hidden``
-            (the MLP's own input, the official continual-training choice).
+        target_source: what the target convolution reads: ``text_emb`` (the text-token embedding:
+            Moshi's own inner monologue), ``input_emb`` (the summed text + audio embedding entering
+            the transformer), ``user_audio_emb`` (the summed embeddings of the other speaker's audio
+            codebooks, ``dep_q .. n_q - 1``: what the user says, which never reaches Moshi as text)
+            or ``hidden`` (the MLP's own input, the official continual-training choice).
         layers: explicit main-transformer layer indices; overrides ``start_layer``/``layer_frequency``.
         start_layer, layer_frequency: select layers ``start_layer, start_layer + layer_frequency, ...``.
         fast_form: ``auto`` picks the quadratic dual form for short sequences and the linear

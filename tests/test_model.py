@@ -14,8 +14,14 @@ from moshi_ttt.tiny import build_tiny_lm, tiny_lm_kwargs
 C = 8
 
 
+def user_streams(source: str) -> dict:
+    """Tiny-model kwargs with the other speaker's codebooks where the source reads them (the tests'
+    default tiny model has Moshi's own codebooks only)."""
+    return {"n_q": 8, "dep_q": 4} if source == "user_audio_emb" else {}
+
+
 def make(source="text_emb", layers=(0, 2), eta=0.05, seed=0, **kw):
-    base = build_tiny_lm(seed=seed, context=16, **kw)
+    base = build_tiny_lm(seed=seed, context=16, **{**user_streams(source), **kw})
     model = apply_ttt(
         copy.deepcopy(base), TTTConfig(chunk_size=C, eta=eta, layers=list(layers), target_source=source)
     )
@@ -105,7 +111,7 @@ def _stream(model, seq, pieces):
     ],
 )
 def test_streaming_equals_full_forward(source, context, pieces):
-    base = build_tiny_lm(context=context)
+    base = build_tiny_lm(context=context, **user_streams(source))
     model = apply_ttt(base, TTTConfig(chunk_size=C, eta=0.05, layers=[0, 2], target_source=source))
     randomize_ttt(model)
     model.eval()
@@ -476,3 +482,30 @@ def test_target_conv_never_reads_the_next_chunk(depthwise):
         x3[:, s:] += 1.0
         gating_out = gating.forward(x, src=x3)
         assert torch.equal(gating_out[:, : s + C], y[:, : s + C])
+
+
+def test_user_audio_source_is_the_other_speakers_embeddings_only():
+    """``user_audio_emb`` hands the TTT layers the sum of the user's codebook embeddings
+    (``emb[dep_q:]``), computed here independently from the embedding tables."""
+    _, model = make("user_audio_emb", n_q=4, dep_q=2)
+    seen = []
+    gating = ttt_gatings(model)[0]
+    handle = gating.register_forward_pre_hook(lambda _m, args: seen.append(args[1]))
+    codes = random_codes(model, 2, 12)
+    with torch.no_grad():
+        model.forward_text(codes)
+        want = sum(model.emb[k](codes[:, 1 + k]) for k in (2, 3))
+    handle.remove()
+    torch.testing.assert_close(seen[0], want, rtol=0, atol=0)
+    other = codes.clone()
+    other[:, 0] = (other[:, 0] + 1) % model.text_card  # Moshi's text and own audio do not enter it
+    other[:, 1:3] = (other[:, 1:3] + 1) % model.card
+    with torch.no_grad():
+        model.forward_text(other)
+    assert torch.equal(seen[-1], seen[0])
+
+
+def test_user_audio_source_needs_the_users_codebooks():
+    base = build_tiny_lm(context=16, n_q=2, dep_q=2)
+    with pytest.raises(ValueError, match="user_audio_emb.*n_q=2, dep_q=2"):
+        apply_ttt(base, TTTConfig(chunk_size=C, layers=[0], target_source="user_audio_emb"))
