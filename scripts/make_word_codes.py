@@ -58,12 +58,15 @@ def speak(word: str, voice: str, speed: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def encode_word(mimi, wav: np.ndarray) -> torch.Tensor:
-    """Mimi codes ``[codebooks, frames]`` of one word, padded with silence to whole frames."""
-    n = -(-len(wav) // FRAME_SIZE) * FRAME_SIZE
-    x = torch.zeros(1, 1, n)
-    x[0, 0, : len(wav)] = torch.from_numpy(wav)
-    return mimi.encode(x)[0].long()
+def encode_word(mimi, wav: np.ndarray, lead: int = 6) -> torch.Tensor:
+    """Mimi codes ``[codebooks, frames]`` of the frames that cover one word, encoded after ``lead``
+    frames of silence: a Mimi's first frames are its start-up transient, the same for every word (seen
+    with the tiny Mimi: three identical frames, and some words identical altogether), while after
+    silence each word gets codes of its own, as inside a conversation."""
+    n = -(-len(wav) // FRAME_SIZE)
+    x = torch.zeros(1, 1, (lead + n) * FRAME_SIZE)
+    x[0, 0, lead * FRAME_SIZE : lead * FRAME_SIZE + len(wav)] = torch.from_numpy(wav)
+    return mimi.encode(x)[0, :, lead:].long()
 
 
 def main() -> None:
