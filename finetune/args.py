@@ -170,6 +170,8 @@ class RecallDataArgs:
     facts: Literal["text", "audio", "speech"] = field(default="text", metadata=FIXED_ON_RESUME)
     pattern_frames: int = field(default=2, metadata=FIXED_ON_RESUME)
     word_codes: str | None = field(default=None, metadata=FIXED_ON_RESUME)
+    # Pairs queried beyond the receptive field (the rest within one window); null: half, rounded up.
+    far_pairs: int | None = field(default=None, metadata=FIXED_ON_RESUME)
     # Share of the training items that are windows of the data.train conversations instead.
     conversations: float = field(default=0.0, metadata=FIXED_ON_RESUME)
 

@@ -150,3 +150,16 @@ def test_conversations_replace_a_seeded_share_of_the_training_items():
     again = MixedTask(recall, convs, 0.3, seed=0)
     assert torch.equal(again.is_conversation, mixed.is_conversation)
     assert not torch.equal(MixedTask(recall, convs, 0.3, seed=1).is_conversation, mixed.is_conversation)
+
+
+@pytest.mark.parametrize("facts", ["text", "audio"])
+def test_far_pairs_sets_how_many_facts_are_asked_beyond_the_window(facts):
+    default = RecallTask(4, seed=3, facts=facts, **KW)
+    same = RecallTask(4, seed=3, facts=facts, far_pairs=2, **KW)
+    near_only = RecallTask(4, seed=3, facts=facts, far_pairs=0, pairs=6, **KW)
+    for i in range(4):
+        assert torch.equal(default[i], same[i])  # the default is half, rounded up
+        qs = near_only.queries(i)
+        assert len(qs) == 6 and not any(q.far for q in qs)
+    with pytest.raises(ValueError, match="far_pairs"):
+        RecallTask(2, facts=facts, far_pairs=5, **KW)

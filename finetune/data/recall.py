@@ -102,6 +102,7 @@ class RecallTask(Dataset):
         dep_q: int | None = None,
         pattern_frames: int = 2,
         word_codes: list[torch.Tensor] | None = None,
+        far_pairs: int | None = None,
     ) -> None:
         need = FIRST_KEY + num_keys + num_values + (num_fillers if filler_rate > 0 else 0)
         if facts not in FACT_MODES:
@@ -132,6 +133,11 @@ class RecallTask(Dataset):
             raise ValueError(f"recall task: filler_rate must be in [0, 1], got {filler_rate}")
         if pairs > num_keys:
             raise ValueError(f"recall task: pairs ({pairs}) must be <= num_keys ({num_keys})")
+        # How many pairs are queried far (the others near); default: half, rounded up. 0 gives the
+        # in-window part alone (what a base model without TTT can learn).
+        self.far_pairs = (pairs + 1) // 2 if far_pairs is None else far_pairs
+        if isinstance(self.far_pairs, bool) or not 0 <= self.far_pairs <= pairs:
+            raise ValueError(f"recall task: far_pairs must be in [0, pairs={pairs}], got {far_pairs}")
         # Far queries are this many steps after their definition. Stacked layers see further than one
         # attention window (about num_layers * (context - 1) steps): pass that for a strict test.
         self.far_min = far_min if far_min is not None else context + 2
@@ -206,7 +212,7 @@ class RecallTask(Dataset):
 
     def _check_spoken_fits(self, d: int, q: int) -> None:
         num_frames, context, pairs = self.num_frames, self.context, self.pairs
-        n_far = (pairs + 1) // 2
+        n_far = self.far_pairs
         if pairs > n_far and d + q - 1 > context - 1:
             raise ValueError(
                 f"recall task: a spoken definition ({d} frames) and its query ({q}) do not fit in one "
@@ -233,7 +239,7 @@ class RecallTask(Dataset):
         text = torch.full((T,), self.pad, dtype=torch.long)
         keys = torch.randperm(self.num_keys, generator=g)[:P].tolist()
         values = torch.randint(0, self.num_values, (P,), generator=g).tolist()
-        n_far = (P + 1) // 2
+        n_far = self.far_pairs
         queries: list[Query] = []
         spoken: list[tuple[int, torch.Tensor]] = []
 
@@ -291,7 +297,7 @@ class RecallTask(Dataset):
         text = torch.full((T,), self.pad, dtype=torch.long)
         keys = (torch.randperm(self.num_keys, generator=g)[:P] + FIRST_KEY).tolist()
         values = (torch.randint(0, self.num_values, (P,), generator=g) + self.first_value).tolist()
-        n_far = (P + 1) // 2
+        n_far = self.far_pairs
         queries: list[Query] = []
 
         def put(pos: int, marker: int, i: int) -> None:
@@ -448,6 +454,7 @@ def recall_datasets(cfg, model):
         dep_q=model.dep_q,
         pattern_frames=r.pattern_frames,
         word_codes=word_codes,
+        far_pairs=r.far_pairs,
     )
     try:
         train = RecallTask(r.num_train, seed=cfg.seed, audio_bank=banks[0], **common)
