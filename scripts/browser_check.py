@@ -9,14 +9,15 @@ it is copied to a scratch directory and built there with ``npm ci && npm run bui
 built copy (a directory with ``index.html`` and no ``package.json``, e.g. that build's ``dist/``).
 
 What it does: starts ``scripts/serve.py RUN --static DIST`` on a free loopback port (one slot),
-starts Chromium headless with a fake microphone that plays ``--wav`` (the user channel of a
-dataset conversation, or any mono speech; default: a synthetic voiced signal) in a loop, opens the
+starts Chromium headless with a fake microphone that plays ``--wav`` in a loop (mono speech, or a
+stereo conversation in the dataset layout whose right channel is the user; default: the user
+channel of the run's first eval or train conversation, else a synthetic voiced signal), opens the
 page, clicks its Connect button, waits until Moshi's text shows in the page, saves a screenshot,
 disconnects and stops the server. The browser is driven over the Chrome DevTools protocol
 (aiohttp's websocket client; no browser download, no node package).
 
-Checks (exit status 1 with the reason otherwise): the page connects (the handshake turns its status
-dot green and the socket is open), the page shows at least ``--min-pieces`` text pieces, every one a
+Checks (exit status 1 with the reason otherwise): the page connects (the server's handshake turns
+its status dot green), the page shows at least ``--min-pieces`` text pieces, every one a
 piece of the run's tokenizer (so it is the model's text stream, not some other string), and the
 server logs the conversation (a slot connected, then left after a number of frames > 0).
 Exit status 2: a missing tool or input (Chromium, npm, the client, the run).
@@ -329,7 +330,9 @@ async def drive(url: str, devtools: int, args, screenshot: Path) -> dict:
                 if time.monotonic() - t0 > args.timeout:
                     raise CheckFailed(
                         f"{len(pieces)} text piece(s) in the page after {args.timeout:.0f} s "
-                        f"(wanted {args.min_pieces}; connected: {state['connected']}):\n{page.console_tail()}"
+                        f"(wanted {args.min_pieces}; connected: {state['connected']}). If the server "
+                        "logged the conversation, the model answered with padding only: try --wav with "
+                        f"speech like its training data, or a longer --timeout.\n{page.console_tail()}"
                     )
                 await asyncio.sleep(0.5)
             state["seconds_to_text"] = time.monotonic() - t0
@@ -345,17 +348,38 @@ async def drive(url: str, devtools: int, args, screenshot: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def tokenizer_pieces(run: Path) -> set[str]:
+def run_config(run: Path):
+    from finetune.args import load_config
+    from finetune.inference import resolve_checkpoint
+
+    return load_config(resolve_checkpoint(run) / "config.yaml")
+
+
+def tokenizer_pieces(cfg) -> set[str]:
     """The run's text pieces as the server sends them (SentencePiece's word marker as a space)."""
     import sentencepiece
 
-    from finetune.args import load_config
     from finetune.data.build import resolve_assets
-    from finetune.inference import resolve_checkpoint
 
-    cfg = load_config(resolve_checkpoint(run) / "config.yaml")
     sp = sentencepiece.SentencePieceProcessor(model_file=str(resolve_assets(cfg)[0]))
     return {sp.id_to_piece(i).replace("\u2581", " ") for i in range(sp.vocab_size())}
+
+
+def microphone_audio(cfg, wav: str | None) -> tuple[np.ndarray, str]:
+    """What the fake microphone plays: ``wav``, else the user channel of the first conversation of
+    the run's eval (or train) manifest (speech like what the model learned to answer), else a
+    synthetic voiced signal."""
+    from finetune.data.dataset import scan_manifest
+    from finetune.inference import read_user_audio
+
+    if wav is not None:
+        return read_user_audio(wav), wav
+    for manifest in (cfg.data.eval, cfg.data.train):
+        if cfg.data.source == "manifest" and manifest and Path(manifest).is_file():
+            entries, _ = scan_manifest(manifest)
+            if entries and entries[0].path.is_file():
+                return read_user_audio(entries[0].path), f"{entries[0].path} (user channel)"
+    return synthetic_voice(), "a synthetic voiced signal"
 
 
 def check(args, work: Path) -> None:
@@ -363,17 +387,15 @@ def check(args, work: Path) -> None:
     run = Path(args.run)
     if not run.exists():
         raise Missing(f"{run} does not exist (a run directory or checkpoint, e.g. what `make tiny` trains)")
-    pieces_vocab = tokenizer_pieces(run)
+    cfg = run_config(run)
+    pieces_vocab = tokenizer_pieces(cfg)
     dist = resolve_client(Path(args.client), Path(args.build_dir) if args.build_dir else work / "client")
     log(f"web UI: {dist}")
 
     wav = work / "mic.wav"
-    if args.wav:
-        from finetune.inference import read_user_audio
-
-        write_wav(wav, read_user_audio(args.wav))
-    else:
-        write_wav(wav, synthetic_voice())
+    pcm, source = microphone_audio(cfg, args.wav)
+    write_wav(wav, pcm)
+    log(f"microphone: {source}, {len(pcm) / 24000:.1f} s, looped")
 
     port = free_port()
     server_log = work / "server.log"
@@ -392,13 +414,20 @@ def check(args, work: Path) -> None:
         browser_log = work / "chromium.log"
         with open(browser_log, "w") as out:
             browser = subprocess.Popen([chromium, *flags], stdout=out, stderr=subprocess.STDOUT)
-        state = asyncio.run(
-            drive(f"http://127.0.0.1:{port}/", devtools_port(profile, browser), args, Path(args.screenshot))
-        )
+        try:
+            state = asyncio.run(
+                drive(
+                    f"http://127.0.0.1:{port}/", devtools_port(profile, browser), args, Path(args.screenshot)
+                )
+            )
+        except CheckFailed as e:
+            raise CheckFailed(f"{e}\n--- server log (last lines):\n{tail(server_log, 12)}") from None
     finally:
         if browser is not None:
             stop_process(browser, signal.SIGTERM)
         stop_process(server)
+    if state["connected_at"] is None:
+        raise CheckFailed("text showed but the page's status dot never turned green (no handshake seen)")
     text_pieces = state["pieces"]
     foreign = [p for p in text_pieces if p not in pieces_vocab]
     if foreign:
@@ -431,7 +460,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--build-dir", default=None, help="where to build the client (default: a temporary directory)"
     )
-    p.add_argument("--wav", default=None, help="the microphone's audio (default: a synthetic voiced signal)")
+    p.add_argument(
+        "--wav",
+        default=None,
+        help="the microphone's audio, mono or a stereo conversation (user: right); default: the user "
+        "channel of the run's first eval (or train) conversation, else a synthetic voiced signal",
+    )
     p.add_argument("--screenshot", default="runs/browser_check.png", help="where to save the screenshot")
     p.add_argument("--chromium", default=None, help="Chromium's executable (default: found on PATH)")
     p.add_argument("--min-pieces", type=int, default=12, help="text pieces the page must show")
