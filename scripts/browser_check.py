@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import math
 import os
@@ -175,21 +176,29 @@ def wait_listening(port: int, proc: subprocess.Popen, log_path: Path, timeout: f
 
 
 def tail(path: Path, n: int = 30) -> str:
+    """The last ``n`` lines of a log, without aiohttp's access log (one line per HTTP request)."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+        lines = path.read_text(errors="replace").splitlines()
     except OSError:
         return "(no log)"
+    return "\n".join([line for line in lines if "aiohttp.access" not in line][-n:])
 
 
-def stop_process(proc: subprocess.Popen, sig=signal.SIGINT, timeout: float = 15.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def stop_process(
+    proc: subprocess.Popen, sig=signal.SIGINT, timeout: float = 15.0, group: bool = False
+) -> None:
+    """Stop ``proc`` with ``sig`` (SIGKILL after ``timeout``); ``group``: then whatever is left of its
+    process group (Chromium's renderer and utility processes, started in a session of their own)."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if group:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------------------ DevTools protocol
@@ -236,8 +245,8 @@ class DevTools:
             raise CheckFailed(f"page script failed: {r['exceptionDetails']}")
         return r["result"].get("value")
 
-    def console_tail(self, n: int = 25) -> str:
-        return "\n".join(self.console[-n:]) or "(nothing logged)"
+    def console_tail(self, n: int = 12) -> str:
+        return "--- the page's console (last lines):\n" + ("\n".join(self.console[-n:]) or "(nothing logged)")
 
 
 def devtools_port(user_data_dir: Path, proc: subprocess.Popen, timeout: float = 30.0) -> int:
@@ -413,7 +422,9 @@ def check(args, work: Path) -> None:
         flags += ["--remote-debugging-port=0", f"--window-size={VIEWPORT[0]},{VIEWPORT[1]}", "about:blank"]
         browser_log = work / "chromium.log"
         with open(browser_log, "w") as out:
-            browser = subprocess.Popen([chromium, *flags], stdout=out, stderr=subprocess.STDOUT)
+            browser = subprocess.Popen(
+                [chromium, *flags], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         try:
             state = asyncio.run(
                 drive(
@@ -424,7 +435,7 @@ def check(args, work: Path) -> None:
             raise CheckFailed(f"{e}\n--- server log (last lines):\n{tail(server_log, 12)}") from None
     finally:
         if browser is not None:
-            stop_process(browser, signal.SIGTERM)
+            stop_process(browser, signal.SIGTERM, group=True)
         stop_process(server)
     if state["connected_at"] is None:
         raise CheckFailed("text showed but the page's status dot never turned green (no handshake seen)")
