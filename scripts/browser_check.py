@@ -245,6 +245,9 @@ class DevTools:
             raise CheckFailed(f"page script failed: {r['exceptionDetails']}")
         return r["result"].get("value")
 
+    def close(self) -> None:
+        self._reader.cancel()
+
     def console_tail(self, n: int = 12) -> str:
         return "--- the page's console (last lines):\n" + ("\n".join(self.console[-n:]) or "(nothing logged)")
 
@@ -352,7 +355,7 @@ async def drive(url: str, devtools: int, args, screenshot: Path) -> dict:
             log(f"screenshot: {screenshot} ({screenshot.stat().st_size // 1024} KiB)")
             await click(page, "Disconnect", timeout=10.0)
             await asyncio.sleep(1.0)
-            page._reader.cancel()
+            page.close()
             return state
 
 
