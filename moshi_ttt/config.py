@@ -18,6 +18,7 @@ from .ops.inplace import PRECISIONS as UPDATE_PRECISIONS
 TARGET_SOURCES = ("text_emb", "input_emb", "user_audio_emb", "hidden")
 FAST_FORMS = ("auto", "dual", "scan")
 ETA_NORMS = ("none", "zsq")
+WRITE_GATE_INPUTS = ("source", "key")
 # Field metadata of the settings the TTT parameters depend on (which exist, their shapes, what they
 # read): a checkpoint is tied to them (finetune's resume check refuses a change).
 _FIXED = {"fixed_on_resume": True}
@@ -58,6 +59,10 @@ class TTTConfig:
             ``eta * sum_t g_t v_t z_t^T`` (a per-token learning rate, as LaCT and TTT-MLP have); 1 at
             init (``w = b = 0``). With live audio it lets the layer write only where the text carries
             something (see the README's long-context section).
+        write_gate_input: what the write gate reads: ``source`` (the target source ``x_t``, as above)
+            or ``key`` (the layer's own activations ``z_t``, the fast weight's key: they depend on
+            the context, so the gate can open where the hidden state says a fact is being stated,
+            e.g. on the other speaker's audio, where the source alone cannot tell a fact from speech).
         update_precision: In-Place TTT's update math under bf16 autocast or in a bf16 model: ``bf16``
             multiplies bf16 operands into float32 sums (tensor-core speed; the scores ``Z Z^T`` and
             their gradients are rounded to bf16 where they enter a product), ``fp32`` keeps every
@@ -92,6 +97,7 @@ class TTTConfig:
     fast_form: str = "auto"
     update_precision: str = "bf16"
     write_gate: bool = field(default=False, metadata=_FIXED)
+    write_gate_input: str = field(default="source", metadata=_FIXED)
     variant: str = field(default="inplace", metadata=_FIXED)
     mlp_heads: int = field(default=4, metadata=_FIXED)
     mlp_expansion: int = field(default=4, metadata=_FIXED)
@@ -143,6 +149,8 @@ class TTTConfig:
                 "write_gate",
                 "is an In-Place TTT option (variant: inplace); TTT-MLP has its own per-token rate",
             )
+        if self.write_gate_input not in WRITE_GATE_INPUTS:
+            raise bad("write_gate_input", f"must be one of {', '.join(WRITE_GATE_INPUTS)}")
         if self.update_precision not in UPDATE_PRECISIONS:
             raise bad("update_precision", f"must be one of {', '.join(UPDATE_PRECISIONS)}")
         from .variants import VARIANTS  # here, not at the top: the variant modules import this one

@@ -123,13 +123,14 @@ def _toy_registered(monkeypatch):
 
 SHIPPED = list(VARIANTS)
 # "name+flag": the variant with a TTTConfig option that adds parameters (ParamGroup.when).
-ALL = [*SHIPPED, "inplace+write_gate", "toy"]
+ALL = [*SHIPPED, "inplace+write_gate", "inplace+write_gate+write_gate_input=key", "toy"]
 
 
 def config(variant, **kw):
-    """TTTConfig of a variant name, or of "name+flag" (the variant with that option set)."""
+    """TTTConfig of a variant name, or of "name+flag" / "name+key=value" (the variant with those options)."""
     name, *flags = variant.split("+")
-    return TTTConfig(variant=name, **dict.fromkeys(flags, True), **{"mlp_heads": 4, **kw})
+    opts = dict(f.split("=", 1) if "=" in f else (f, True) for f in flags)
+    return TTTConfig(variant=name, **opts, **{"mlp_heads": 4, **kw})
 
 
 def make(variant, seed=0, context=16, eta=0.5, **kw):
