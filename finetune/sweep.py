@@ -104,6 +104,7 @@ class Sweep:
     metrics: list[str] = field(default_factory=lambda: ["eval_loss"])
     metric: str = ""  # the objective (local name, see last_metrics); "" = metrics[0]
     goal: str = ""  # minimize | maximize; "" = from the metric's name
+    _resolved: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     KEYS = ("base", "out_dir", "grid", "overrides", "metrics", "metric", "goal")
 
@@ -175,8 +176,7 @@ class Sweep:
                     f"{run.run_dir}; make their values differ in their printed form"
                 )
             seen_dir[run.run_dir] = run.name
-            resolved = sweep.resolved(run)
-            resolved.pop("run_dir")
+            resolved = {k: v for k, v in sweep.resolved(run).items() if k != "run_dir"}
             key = json.dumps(resolved, sort_keys=True, default=str)
             if key in seen_cfg:
                 raise ConfigError(
@@ -209,8 +209,11 @@ class Sweep:
         return out
 
     def resolved(self, run: Run) -> dict[str, Any]:
-        """The point's full training config, as a nested dict."""
-        return to_dict(load_config(self.base, run.overrides))
+        """The point's full training config, as a nested dict (computed once per point; do not modify)."""
+        key = json.dumps(run.overrides, sort_keys=True, default=str)
+        if key not in self._resolved:
+            self._resolved[key] = to_dict(load_config(self.base, run.overrides))
+        return self._resolved[key]
 
     FAILED_MARKER = "sweep_failed.json"  # written when a run's trainer exits non-zero
 
