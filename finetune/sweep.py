@@ -103,7 +103,7 @@ class Sweep:
     overrides: dict[str, Any] = field(default_factory=dict)
     metrics: list[str] = field(default_factory=lambda: ["eval_loss"])
     metric: str = ""  # the objective (local name, see last_metrics); "" = metrics[0]
-    goal: str = ""  # minimize | maximize; "" = from the metric's name
+    goal: str = ""  # minimize | maximize; "" = from the metric's name (loss / NLL / ppl down, accuracy up)
     _resolved: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     KEYS = ("base", "out_dir", "grid", "overrides", "metrics", "metric", "goal")
@@ -112,16 +112,18 @@ class Sweep:
         self.metric = local_metric_name(self.metric or self.metrics[0])
         if self.metric not in self.metrics:
             self.metrics = [*self.metrics, self.metric]
-        if not self.goal:
-            goal = default_goal(self.metric)
-            if goal is None:
-                raise ConfigError(
-                    f"metric {self.metric}: cannot tell whether it should go up or down; "
-                    "add `goal: minimize` or `goal: maximize` to the sweep file"
-                )
-            self.goal = goal
-        if self.goal not in GOALS:
+        if self.goal and self.goal not in GOALS:
             raise ConfigError(f"goal: {self.goal!r} is not allowed; choose minimize or maximize")
+        self.goal = self.goal or default_goal(self.metric) or ""  # "": unknown, needed only to export
+
+    def require_goal(self) -> str:
+        """The goal, or a ConfigError asking for one (a metric whose name does not tell)."""
+        if not self.goal:
+            raise ConfigError(
+                f"metric {self.metric}: cannot tell whether it should go up or down; "
+                "add `goal: minimize` or `goal: maximize` to the sweep file"
+            )
+        return self.goal
 
     @classmethod
     def load(cls, path: str | Path) -> Sweep:
@@ -355,7 +357,7 @@ class Sweep:
     def best(self, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
         """The row with the best value of the sweep's metric (by its goal), None if none has one."""
         scored = [r for r in rows if isinstance(r.get(self.metric), (int, float))]
-        if not scored:
+        if not scored or not self.goal:
             return None
         pick = min if self.goal == "minimize" else max
         return pick(scored, key=lambda r: r[self.metric])
@@ -429,7 +431,7 @@ class Sweep:
         if nproc > 1:
             command.append(f"--nproc={nproc}")
         command.append("${args}")
-        metric = {"name": wandb_metric_name(self.metric), "goal": self.goal}
+        metric = {"name": wandb_metric_name(self.metric), "goal": self.require_goal()}
 
         def definition(name: str, description: str, parameters: dict[str, Any]) -> dict[str, Any]:
             return {

@@ -83,7 +83,11 @@ def main() -> int:
         print(len(runs))
         return 0
     if args.wandb_sweep:
-        definitions = sweep.wandb_sweeps(args.sweep, args.nproc, split=args.wandb_split)
+        try:
+            definitions = sweep.wandb_sweeps(args.sweep, args.nproc, split=args.wandb_split)
+        except ConfigError as e:
+            print(f"sweep error: {e}", file=sys.stderr)
+            return 2
         paths = (
             [args.wandb_sweep] if len(definitions) == 1 else split_paths(args.wandb_sweep, len(definitions))
         )
@@ -119,7 +123,9 @@ def main() -> int:
             else:
                 print(f"{r.index:3d} {state:8s} {r.name}  ->  {r.run_dir}")
         if args.dry_run:
-            print(f"{len(runs)} runs in {sweep.out_dir}; metric {sweep.metric} ({sweep.goal})")
+            print(
+                f"{len(runs)} runs in {sweep.out_dir}; metric {sweep.metric} ({sweep.goal or 'goal unknown'})"
+            )
         return 0
     failed = []
     if not args.collect:

@@ -272,8 +272,10 @@ def test_metric_and_goal(tmp_path):
     assert sweep.wandb_sweeps("s.yaml")[0]["metric"] == {"name": "train/grad_norm", "goal": "minimize"}
     rows = [{"run": "a", "grad_norm": 2.0}, {"run": "b", "grad_norm": 1.0}, {"run": "c", "grad_norm": None}]
     assert sweep.best(rows)["run"] == "b"
+    sweep = Sweep.load(write_sweep(tmp_path, grid, metric="grad_norm"))  # runs locally; no export
+    assert sweep.goal == "" and sweep.best(rows) is None
     with pytest.raises(ConfigError, match="add `goal: minimize` or `goal: maximize`"):
-        Sweep.load(write_sweep(tmp_path, grid, metric="grad_norm"))
+        sweep.wandb_sweeps("s.yaml")
     with pytest.raises(ConfigError, match="goal: 'up' is not allowed"):
         Sweep.load(write_sweep(tmp_path, grid, metric="eval/loss", goal="up"))
 
@@ -315,3 +317,46 @@ def test_the_trainer_joins_a_sweep_agents_run(tmp_path, monkeypatch):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(base))
     T.train(load_config(tmp_path / "c.yaml"))
     assert seen == ["agentrun1"]
+
+
+@pytest.mark.slow
+def test_an_array_task_runs_its_point_under_torchrun(tmp_path):
+    path = write_sweep(tmp_path, {"ttt.eta": [0.01, 0.1]})
+    point = Sweep.load(path).runs()[0]
+    res = run([sys.executable, "scripts/sweep.py", str(path), "--array-index", "0", "--nproc", "2"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "Rank 1 is connected" in res.stdout  # two processes (gloo on CPU)
+    assert_trained(point.run_dir, {"ttt.eta": 0.01})
+
+
+@pytest.mark.slow
+def test_stopping_an_agent_run_stops_its_trainer(tmp_path):
+    """``wandb agent`` stops a run with SIGTERM to its program only: the trainer must stop too (no
+    orphan training on) and the point shows as failed (a relaunch resumes it)."""
+    import signal
+    import time
+
+    path = write_sweep(tmp_path, {"ttt.eta": [0.01, 0.1]}, overrides={"max_steps": 2000})
+    sweep = Sweep.load(path)
+    point = sweep.runs()[1]
+    proc = subprocess.Popen(
+        [sys.executable, WANDB_PROGRAM, str(path), "--ttt.eta=0.1"],
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 300
+        while not list_checkpoints(point.run_dir) and time.time() < deadline:
+            time.sleep(0.5)
+        assert list_checkpoints(point.run_dir), "no checkpoint within 300 s"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert sweep.status(point) == f"failed (exit {-signal.SIGTERM})"
+    steps = train_steps(point.run_dir)
+    time.sleep(3)
+    assert train_steps(point.run_dir) == steps  # the trainer stopped with its program
