@@ -146,7 +146,9 @@ class Sweep:
         if not isinstance(metrics, list) or not all(isinstance(m, str) and m for m in metrics):
             raise ConfigError(f"{path}: 'metrics' must be a list of metric names (eval_loss, loss, ...)")
         metric = data.get("metric") or ""
-        if not isinstance(metric, str) or (metric and not local_metric_name(metric)):
+        if not isinstance(metric, str) or (
+            metric and not re.fullmatch(r"(eval/|train/)?\w[\w/.]*(?<![/.])", metric)
+        ):
             raise ConfigError(f"{path}: 'metric' must name one metric, e.g. eval/recall_acc_far or eval/loss")
         base = Path(data.get("base", ""))
         if not base.is_file() and (path.parent / base).is_file():
@@ -183,7 +185,7 @@ class Sweep:
             if key in seen_cfg:
                 raise ConfigError(
                     f"{path}: points {seen_cfg[key]} and {run.name} train the same configuration "
-                    "(a value equal to the base config's); drop one of them"
+                    "(the same values in another order, or a value equal to the base config's); drop one of them"
                 )
             seen_cfg[key] = run.name
         return sweep

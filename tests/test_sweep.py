@@ -276,6 +276,8 @@ def test_metric_and_goal(tmp_path):
     assert sweep.goal == "" and sweep.best(rows) is None
     with pytest.raises(ConfigError, match="add `goal: minimize` or `goal: maximize`"):
         sweep.wandb_sweeps("s.yaml")
+    with pytest.raises(ConfigError, match="'metric' must name one metric"):
+        Sweep.load(write_sweep(tmp_path, grid, metric="eval/"))
     with pytest.raises(ConfigError, match="goal: 'up' is not allowed"):
         Sweep.load(write_sweep(tmp_path, grid, metric="eval/loss", goal="up"))
 
