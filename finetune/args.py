@@ -428,7 +428,7 @@ def upgrade_renamed_keys(data: dict[str, Any], where: str, nested: bool = True) 
     return apply_overrides({}, flat) if nested else flat
 
 
-def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+def saved_config_with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     """A saved config with the keys added to the schema since it was written, at their defaults (so a
     new key does not read as a changed setting), and renamed keys under their new names."""
     saved = upgrade_renamed_keys(saved, "the checkpoint's config.yaml")
@@ -443,7 +443,7 @@ def check_resume_compatible(
 ) -> None:
     """Refuse to resume a checkpoint trained with ``saved`` under ``current`` if a key marked
     ``fixed_on_resume`` (or the number of processes) differs; warn about any other difference."""
-    saved = _with_defaults(saved)
+    saved = saved_config_with_defaults(saved)
     fixed = fixed_on_resume_keys(TrainConfig)
     bad = [k for k in fixed if get_dotted(saved, k) != get_dotted(current, k)]
     if saved_world != world:

@@ -33,7 +33,15 @@ from .data.loader import eval_plan
 from .evaluation import evaluate
 from .loss import loss_weights, training_loss
 from .model import build_model, param_table
-from .monitoring import Metrics, fmt_duration, init_wandb, setup_logging, ttt_console_line, ttt_telemetry
+from .monitoring import (
+    Metrics,
+    fmt_duration,
+    init_wandb,
+    setup_logging,
+    sweep_agent_run_id,
+    ttt_console_line,
+    ttt_telemetry,
+)
 from .optim import apply_new_lrs, build_optimizer
 from .preflight import absolute_paths, check_config_paths
 from .schema import to_dict
@@ -131,6 +139,9 @@ class Trainer:
             self.wandb_id = point.state.get("wandb_id") or self.wandb_id
             apply_new_lrs(self.optimizer, self.scheduler, self.cfg)
             logger.info("resumed from %s at step %d", point.path, self.start_step)
+        # A wandb sweep agent launched this run (scripts/sweep_point.py): log to the run it assigned,
+        # which its sweep tracks, also when this point resumes an interrupted run.
+        self.wandb_id = sweep_agent_run_id() or self.wandb_id
         if self.dist.is_main:
             self.resumer.set_aside_newer()
             (self.run_dir / "config.yaml").write_text(config_to_yaml(self.cfg))

@@ -71,7 +71,10 @@ def final_weights(run_dir) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     data = yaml.safe_load(path.read_text())
-    if "base" in data and "grid" in data:  # a sweep file: its base config must validate
+    if "base" in data and "grid" in data:  # a sweep file: every point's config must validate
+        from finetune.sweep import Sweep
+
+        Sweep.load(path)
         return
     load_config(path)
 
