@@ -390,7 +390,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    from .mf_compat import refuse_moshi_finetune_keys
+    from .compat.convert import refuse_moshi_finetune_keys
 
     data = upgrade_renamed_keys(data, str(path) if path is not None else "the config")
     if overrides:

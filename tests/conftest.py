@@ -89,7 +89,7 @@ def tiny_ckpt(tiny_ds, tmp_path_factory):
     """A tiny LoRA + TTT run (8 steps on tiny_ds; TTT on layer 1, chunk 8) with its checkpoint."""
     from finetune.args import load_config
     from finetune.schema import apply_overrides
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     run = tmp_path_factory.mktemp("infer") / "run"
     base = {

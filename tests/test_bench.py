@@ -1,14 +1,9 @@
 """The benchmark scripts' code paths on CPU (the numbers they print on a GPU are their purpose)."""
 
-import sys
-
 import torch
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import bench_model  # noqa: E402
-import bench_ttt  # noqa: E402
+from finetune.commands import bench_model, bench_ttt
 
 
 def test_bench_model_runs_every_row_on_a_tiny_model(capsys):

@@ -8,7 +8,6 @@ the test is skipped and says which; the error paths of the script are tested eve
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import struct
@@ -24,10 +23,9 @@ SCRIPT = ROOT / "scripts" / "browser_check.py"
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("browser_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from finetune.commands import browser_check
+
+    return browser_check
 
 
 def _client() -> tuple[Path | None, str]:

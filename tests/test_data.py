@@ -206,7 +206,7 @@ def _train_cfg(ds: Path, run_dir: Path, manifest: str, **over):
 
 
 def test_training_skips_bad_items_with_a_warning_and_counts_them(tiny_ds, tmp_path, capsys):
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     ds = _copy_ds(tiny_ds, tmp_path)
     _write_mono(ds / "audio" / "mono.wav", 7.0)
@@ -223,7 +223,7 @@ def test_training_skips_bad_items_with_a_warning_and_counts_them(tiny_ds, tmp_pa
 
 
 def test_training_stops_clearly_when_no_item_is_valid(tiny_ds, tmp_path):
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     ds = _copy_ds(tiny_ds, tmp_path)
     for p in (ds / "audio").glob("*.json"):
@@ -233,7 +233,7 @@ def test_training_stops_clearly_when_no_item_is_valid(tiny_ds, tmp_path):
 
 
 def test_manifest_training_fills_the_cache_and_reads_it(tiny_ds, tmp_path):
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     cache = tmp_path / "codes"
     summary = train(_train_cfg(tiny_ds, tmp_path / "run", "train.jsonl", **{"data.cache_dir": str(cache)}))
@@ -270,8 +270,7 @@ def test_sharding_splits_each_global_batch_between_ranks():
 
 
 def test_annotate_writes_alignments_with_a_given_recognizer(tiny_ds, tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from annotate import annotate_file
+    from finetune.commands.annotate import annotate_file
 
     audio = tmp_path / "a.wav"
     shutil.copy(read_manifest(tiny_ds / "train.jsonl")[0].path, audio)

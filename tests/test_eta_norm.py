@@ -265,7 +265,7 @@ def test_no_complete_chunk_reports_no_chunk_update():
 
 
 def test_console_line_lists_each_layer():
-    from finetune.trainer import ttt_console_line
+    from finetune.training.trainer import ttt_console_line
 
     values = {
         "loss": 1.0,

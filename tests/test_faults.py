@@ -18,10 +18,10 @@ import torch
 from test_data import _copy_ds, _train_cfg
 from test_train import losses, tiny_cfg
 
-from finetune.checkpointing import checkpoint_root, list_checkpoints, lock_run_dir
 from finetune.data.check import check_manifest
 from finetune.schema import ConfigError
-from finetune.trainer import Diverged, train
+from finetune.training.checkpointing import checkpoint_root, list_checkpoints, lock_run_dir
+from finetune.training.trainer import Diverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, NO_TORCH_COMPILE="1", OMP_NUM_THREADS="1")
@@ -47,7 +47,7 @@ def strict_records(run) -> list[dict]:
 
 def nan_loss_on(monkeypatch, bad_calls: set[int]) -> None:
     """The training loss of the given (1-based) calls becomes NaN: those steps are non-finite."""
-    import finetune.trainer as T
+    import finetune.training.trainer as T
 
     real, calls = T.training_loss, [0]
 
@@ -326,12 +326,11 @@ def test_a_non_utf8_alignment_file_is_a_bad_item(tiny_ds, tmp_path):
 
 def _train_py(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """train.py's command line, in-process: (exit status, stdout, stderr)."""
-    import runpy
+    from finetune.commands.train import cli
 
-    script = runpy.run_path(str(ROOT / "train.py"), run_name="train_cli")
     monkeypatch.setattr(sys, "argv", ["train.py", *args])
     with pytest.raises(SystemExit) as done:
-        script["run_main"](script["main"], script["__doc__"])
+        cli()
     out = capsys.readouterr()
     return done.value.code, out.out, out.err
 

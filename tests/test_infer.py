@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune.inference import load_checkpoint_model, read_user_audio, stream_conversations
+from finetune.serving.inference import load_checkpoint_model, read_user_audio, stream_conversations
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ def _inputs(tiny_ds, n=2, seconds=4.0):
 def test_greedy_stream_matches_teacher_forced_forward(tiny_ckpt, tiny_ds):
     loaded = load_checkpoint_model(tiny_ckpt)
     audio = _inputs(tiny_ds)
-    res = stream_conversations(loaded, audio, greedy=True)
+    res = stream_conversations(loaded, audio)
     lm = loaded.lm
     B, T = res.text_tokens.shape
     # moshi's LMGen feeds the user's frame s at the step that generates Moshi's frame s, which in

@@ -324,7 +324,7 @@ def test_telemetry_reports_the_recorded_update(variant):
 @pytest.mark.parametrize("variant", ALL)
 def test_finetune_param_groups_come_from_the_contract(variant, tmp_path):
     from finetune.args import load_config
-    from finetune.model import param_groups, param_table, set_trainable
+    from finetune.training.model import param_groups, param_table, set_trainable
 
     _, model = make(variant)
     groups = param_groups(model)

@@ -17,7 +17,7 @@ def test_no_module_imports_another_modules_private_names():
     found = []
     for path in _sources():
         tree = ast.parse(path.read_text())
-        aliases = {}  # `import finetune.trainer as T` -> T
+        aliases = {}  # `import finetune.training.trainer as T` -> T
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
                 ours = node.level > 0 or (node.module or "").split(".")[0] in PACKAGES

@@ -12,7 +12,7 @@ import yaml
 from conftest import manifest_data
 
 from finetune.data.recall import DEF, FIRST_KEY, QRY, RecallTask, receptive_field
-from finetune.sweep import Sweep, last_metrics, metric_curve
+from finetune.research.sweep import Sweep, last_metrics, metric_curve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -255,7 +255,7 @@ def test_sweep_cli_dry_run_and_commands(tmp_path):
 def recall_runs(tmp_path_factory):
     from finetune.args import load_config
     from finetune.schema import apply_overrides
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     root = tmp_path_factory.mktemp("recall")
     base = yaml.safe_load((ROOT / "configs" / "recall_tiny.yaml").read_text())
@@ -322,9 +322,9 @@ def test_windows_longer_than_the_context_and_conversations_shorter_than_the_wind
     padding. Training reports it; the eval tools show loss by position beyond the window and leave
     the padded positions out."""
     from finetune.args import load_config
-    from finetune.longeval import evaluate_runs
+    from finetune.research.long_context import evaluate_runs
     from finetune.schema import apply_overrides
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     run = tmp_path / "run"
     cfg = {
@@ -430,7 +430,7 @@ def test_metric_curves_and_their_plot(tmp_path):
 
 def test_far_answer_kinds():
     from finetune.data.recall import Query
-    from finetune.longeval import answer_kind
+    from finetune.research.long_context import answer_kind
 
     values = range(20, 36)
     a, b = Query(50, 60, 21, True), Query(70, 70, 30, True)

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from finetune.optim import OneCycleSchedule, onecycle_factor
+from finetune.training.optim import OneCycleSchedule, onecycle_factor
 
 # ---------------------------------------------------------------- the one-cycle schedule
 
@@ -49,8 +49,8 @@ def test_onecycle_where_torch_divides_by_zero_starts_at_the_peak():
 def test_onecycle_schedule_resumes_exactly(tmp_path):
     from test_train import losses, tiny_cfg
 
-    from finetune.checkpointing import list_checkpoints
-    from finetune.trainer import train
+    from finetune.training.checkpointing import list_checkpoints
+    from finetune.training.trainer import train
 
     over = {"optim.schedule": "onecycle", "optim.pct_start": 0.3}
     train(tiny_cfg(tmp_path / "a", **over))
@@ -77,8 +77,8 @@ def test_train_embeddings_trains_the_tables_and_exports_them_beside_the_adapters
     from safetensors.torch import load_file
     from test_train import final_weights, tiny_cfg
 
-    from finetune.checkpointing import list_checkpoints
-    from finetune.trainer import train
+    from finetune.training.checkpointing import list_checkpoints
+    from finetune.training.trainer import train
 
     train(tiny_cfg(tmp_path / "e", max_steps=2, finetune="lora", **{"lora.train_embeddings": True}))
     trained = final_weights(tmp_path / "e")
@@ -198,11 +198,8 @@ def _mf_yaml(tmp_path, ds, **extra):
 
 def _convert(tmp_path, mf, *flags, capsys):
     """scripts/from_moshi_finetune.py, run in this process: (exit code, stdout, stderr)."""
-    import importlib.util
+    from finetune.commands import from_moshi_finetune as script
 
-    spec = importlib.util.spec_from_file_location("from_mf", ROOT / "scripts" / "from_moshi_finetune.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     argv = [str(mf), "-o", str(tmp_path / "ours.yaml"), "--mf-root", str(tmp_path), *flags]
     rc = script.main(argv)
     out = capsys.readouterr()
@@ -214,8 +211,8 @@ def test_a_moshi_finetune_yaml_converts_and_trains_on_the_tiny_setup(tmp_path, t
     import sys
 
     from finetune.args import load_config
-    from finetune.checkpointing import list_checkpoints
-    from finetune.trainer import train
+    from finetune.training.checkpointing import list_checkpoints
+    from finetune.training.trainer import train
 
     _tiny_base(tmp_path / "base")
     mf = _mf_yaml(tmp_path, tiny_ds)
@@ -262,7 +259,7 @@ def test_a_moshi_finetune_yaml_converts_and_trains_on_the_tiny_setup(tmp_path, t
 
 
 def test_converter_uses_moshi_finetune_defaults_and_reports_what_it_cannot_map(tmp_path, tiny_ds):
-    from finetune.mf_compat import convert
+    from finetune.compat.convert import convert
 
     mf = {
         "data": {"train_data": str(tiny_ds / "train.jsonl"), "eval_data": str(tiny_ds / "eval.jsonl")},
@@ -377,9 +374,9 @@ def _local(tmp_path, run, **over):
 
 
 def test_a_moshi_finetune_lora_checkpoint_starts_a_ttt_run(tmp_path):
-    from finetune.checkpointing import list_checkpoints
-    from finetune.model import build_model
-    from finetune.trainer import train
+    from finetune.training.checkpointing import list_checkpoints
+    from finetune.training.model import build_model
+    from finetune.training.trainer import train
     from moshi_ttt import ttt_gatings
 
     base = _tiny_base(tmp_path / "base")
@@ -415,8 +412,8 @@ def test_a_moshi_finetune_lora_checkpoint_starts_a_ttt_run(tmp_path):
 def test_a_moshi_finetune_full_checkpoint_starts_a_ttt_run(tmp_path):
     from safetensors.torch import save_file
 
-    from finetune.model import build_model
-    from finetune.trainer import train
+    from finetune.training.model import build_model
+    from finetune.training.trainer import train
     from moshi_ttt import ttt_gatings
     from moshi_ttt.tiny import tiny_lm_kwargs
 
@@ -458,8 +455,8 @@ def test_a_moshi_finetune_full_checkpoint_starts_a_ttt_run(tmp_path):
 def test_bad_init_from_is_a_clear_error(tmp_path):
     from test_train import tiny_cfg
 
-    from finetune.model import build_model
     from finetune.schema import ConfigError
+    from finetune.training.model import build_model
 
     base = _tiny_base(tmp_path / "base")
     ckpt = _mf_lora_checkpoint(base, tmp_path / "mf")
@@ -481,7 +478,7 @@ def test_bad_init_from_is_a_clear_error(tmp_path):
 
 
 def test_readme_key_table_lists_every_moshi_finetune_key():
-    from finetune.mf_compat import KEYS, MF_DEFAULTS
+    from finetune.compat.convert import KEYS, MF_DEFAULTS
 
     readme = (ROOT / "README.md").read_text()
     table = readme[readme.index("**Key mapping**") : readme.index("**The same:**")]

@@ -11,11 +11,10 @@ float32 setting's error (measured: within 12%).
 """
 
 import copy
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, random_codes, randomize_ttt
+from conftest import random_codes, randomize_ttt
 from torch.nn import functional as F
 
 from moshi_ttt import TTTConfig, apply_ttt
@@ -194,8 +193,7 @@ def test_streaming_float32_state_agrees_with_the_bf16_training_forward():
 
 
 def test_precision_script_prints_its_tables_and_passes(capsys):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import check_precision
+    from finetune.commands import check_precision
 
     check_precision.main(["--d", "32", "--h", "88", "--T", "96", "--C", "16"])
     out = capsys.readouterr().out

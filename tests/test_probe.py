@@ -9,9 +9,9 @@ import torch
 from conftest import ROOT
 
 from finetune.args import load_config
-from finetune.model import build_model
-from finetune.probe import load_probe_model, probe, probe_batches, to_text
-from finetune.trainer import train
+from finetune.research.eta_probe import load_probe_model, probe, probe_batches, to_text
+from finetune.training.model import build_model
+from finetune.training.trainer import train
 
 OVER = {
     "model.tiny": {"dim": 32, "num_layers": 2, "context": 8, "num_heads": 2},

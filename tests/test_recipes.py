@@ -1,9 +1,7 @@
 """The Moshi-7B recipes: windows beyond the attention window, the eta the README reasons for, and their
 memory estimate."""
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,11 +14,9 @@ RECIPES = sorted((ROOT / "configs").glob("moshi7b_*.yaml"))
 
 
 def _memory_script():
-    spec = importlib.util.spec_from_file_location("memory_7b", ROOT / "scripts" / "memory_7b.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclass looks its module up
-    spec.loader.exec_module(mod)
-    return mod
+    from finetune.commands import memory_7b
+
+    return memory_7b
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)

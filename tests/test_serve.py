@@ -17,8 +17,8 @@ import pytest
 import sphn
 from aiohttp import web
 
-from finetune.inference import read_user_audio
-from finetune.serve import (
+from finetune.serving.inference import read_user_audio
+from finetune.serving.server import (
     CLOSE_BAD_INPUT,
     CLOSE_BUSY,
     CLOSE_POLICY,
@@ -202,8 +202,8 @@ def _slot_schedule(batch, jobs: dict, p_active: float, seed: int) -> dict:
 def test_slot_batch_masks_and_resets_keep_slots_independent(tiny_ckpt, voices, tiny_ds):
     """At the model level: random exec masks (slots stepping at random moments), a slot reset for a
     new caller while the other slot is mid-conversation; each conversation equals itself alone."""
-    from finetune.inference import load_checkpoint_model
-    from finetune.serve import SlotBatch
+    from finetune.serving.inference import load_checkpoint_model
+    from finetune.serving.server import SlotBatch
 
     loaded = load_checkpoint_model(tiny_ckpt)
     x, (a, b) = (
@@ -425,7 +425,7 @@ def test_replies_piling_up_end_that_conversation(tiny_ckpt, voices):
 def test_static_web_ui_and_cli_errors(tiny_ckpt, tmp_path, monkeypatch):
     import huggingface_hub
 
-    from finetune.serve import main as serve_main
+    from finetune.serving.server import main as serve_main
 
     assert resolve_static("none") is None
     # The default (moshi's web UI from the Hub) with an empty cache and no network: a clear error.

@@ -17,10 +17,10 @@ import pytest
 import yaml
 
 from finetune.args import load_config
-from finetune.checkpointing import list_checkpoints
 from finetune.cli import parse_cli
+from finetune.research.sweep import WANDB_PROGRAM, Sweep, default_goal
 from finetune.schema import ConfigError
-from finetune.sweep import WANDB_PROGRAM, Sweep, default_goal
+from finetune.training.checkpointing import list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
@@ -300,8 +300,8 @@ def test_the_trainer_joins_a_sweep_agents_run(tmp_path, monkeypatch):
     starts even without wandb.project; outside an agent, no project means no wandb."""
     import wandb
 
-    import finetune.trainer as T
-    from finetune.monitoring import init_wandb
+    import finetune.training.trainer as T
+    from finetune.training.monitoring import init_wandb
 
     calls = []
     monkeypatch.setattr(wandb, "init", lambda **kw: calls.append(kw) or "RUN")

@@ -16,9 +16,9 @@ import yaml
 from safetensors.torch import load_file
 
 from finetune.args import TrainConfig, load_config
-from finetune.checkpointing import list_checkpoints
 from finetune.schema import ConfigError, from_dict
-from finetune.trainer import train
+from finetune.training.checkpointing import list_checkpoints
+from finetune.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +72,7 @@ def final_weights(run_dir) -> dict[str, torch.Tensor]:
 def test_every_shipped_config_validates(path):
     data = yaml.safe_load(path.read_text())
     if "base" in data and "grid" in data:  # a sweep file: every point's config must validate
-        from finetune.sweep import Sweep
+        from finetune.research.sweep import Sweep
 
         Sweep.load(path)
         return
@@ -231,7 +231,7 @@ def test_resume_refuses_shape_changes_and_warns_on_lr(tmp_path, capsys):
 
 
 def test_a_run_saved_with_the_old_ttt_lr_key_loads_and_resumes(tmp_path, capsys):
-    from finetune.inference import load_checkpoint_model
+    from finetune.serving.inference import load_checkpoint_model
 
     run = tmp_path / "r"
     train(tiny_cfg(run, max_steps=3, **{"optim.ttt_params_lr": 2e-3}))
@@ -499,7 +499,7 @@ def test_local_checkpoint_source_loads_base_weights_then_trains_lora(tmp_path):
         "model.moshi_weights": str(base_dir / "model.safetensors"),
     }
     cfg = tiny_cfg(tmp_path / "lora", **over)
-    from finetune.model import build_model
+    from finetune.training.model import build_model
 
     built = build_model(cfg, torch.device("cpu"))
     base_sd = load_file(str(base_dir / "model.safetensors"))
@@ -543,7 +543,7 @@ def test_bad_local_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_a_run_directory_in_use_is_refused(tmp_path):
-    from finetune.checkpointing import lock_run_dir
+    from finetune.training.checkpointing import lock_run_dir
 
     run = tmp_path / "busy"
     run.mkdir()
@@ -578,8 +578,10 @@ def test_ttt_mlp_variant_trains_resumes_and_exports(tmp_path):
 
 
 def test_readme_parameter_table_is_what_the_code_prints():
-    from finetune.model import build_model, param_table
+    from finetune.training.model import build_model, param_table
 
     table = param_table(build_model(load_config(ROOT / "configs/tiny.yaml"), torch.device("cpu")).model)
     readme = (ROOT / "README.md").read_text()
-    assert f"```\n{table}\n```" in readme, "regenerate the README's table from finetune.model.param_table"
+    assert f"```\n{table}\n```" in readme, (
+        "regenerate the README's table from finetune.training.model.param_table"
+    )

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Write word alignments (``x.json`` next to each ``x.wav``) with a speech recognizer.
 
     pip install -e ".[annotate]"                     # faster-whisper
@@ -19,8 +18,6 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # A transcriber takes mono 16 kHz float32 audio and yields (word, start_seconds, end_seconds).
 Transcriber = Callable[["object"], Iterable[tuple[str, float, float]]]

@@ -1,11 +1,10 @@
-#!/usr/bin/env python
 """Per-frame cost of the conversation server's batch step, by number of slots.
 
     python scripts/bench_serve.py --random tiny --batch-sizes 1 4            # CPU, no checkpoint needed
     python scripts/bench_serve.py runs/tiny --batch-sizes 1 4                # a run or checkpoint
     python scripts/bench_serve.py --random moshi7b --device cuda --dtype bf16 --batch-sizes 1 4 8
 
-Times what the server's worker does for every 80 ms frame (``finetune.serve``): Mimi encode of every
+Times what the server's worker does for every 80 ms frame (``finetune.serving.server``): Mimi encode of every
 slot's frame, the TTTLMGen step (CUDA graphs on GPU), Mimi decode, and the Opus encoding of each slot's
 reply, with every slot talking (noise input, sampling as served). Printed per batch size: ms per step
 (mean, p50, p95, max) and frames per second per slot against the 12.5 Hz real-time rate; the step
@@ -23,24 +22,16 @@ that every slot gets the same text tokens and voice; exit status 1 if not.
 
 from __future__ import annotations
 
-import os
+import argparse
+import sys
+import time
 
+import numpy as np
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("NO_TORCH_COMPILE", "1")
-
-import argparse  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from finetune.data.audio import FRAME_RATE  # noqa: E402
-from finetune.serve import DTYPES, Sampling, SlotBatch  # noqa: E402
+from finetune.data.audio import FRAME_RATE
+from finetune.serving.inference import GREEDY
+from finetune.serving.server import DTYPES, SlotBatch
 
 RANDOM = {
     "tiny": dict(
@@ -99,7 +90,7 @@ def bench(lm, mimi, batch_size: int, frames: int, warmup: int, cuda_graphs: bool
 
 def graphs_scenario(lm, mimi, batch_size: int, frames: int, cuda_graphs: bool, seed: int):
     """Greedy text tokens ([frames, B], -1 where no output) and voice of a masked, staggered scenario."""
-    batch = SlotBatch(lm, mimi, batch_size, Sampling(greedy=True), cuda_graphs=cuda_graphs)
+    batch = SlotBatch(lm, mimi, batch_size, GREEDY, cuda_graphs=cuda_graphs)
     try:
         batch.warmup()
         rng = np.random.default_rng(seed)
@@ -160,7 +151,7 @@ def main() -> int:
         lm, mimi = random_model(args.random, device, dtype)
         what = f"random {args.random}"
     else:
-        from finetune.inference import load_checkpoint_model
+        from finetune.serving.inference import load_checkpoint_model
 
         loaded = load_checkpoint_model(args.checkpoint, device, dtype=dtype)
         lm, mimi, what = loaded.lm, loaded.mimi, str(loaded.checkpoint)

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Per-frame streaming latency of Moshi's LMGen with and without In-Place TTT layers.
 
     python scripts/bench_streaming.py                  # tiny model, then a layer-realistic one
@@ -27,21 +26,17 @@ graphs (its default on GPU; TTTLMGen applies chunk-end updates between graph rep
 
 from __future__ import annotations
 
-import os
+import argparse
+import time
+from contextlib import nullcontext
 
-os.environ.setdefault("NO_TORCH_COMPILE", "1")
+import numpy as np
+import torch
+from moshi.models import LMGen, LMModel, loaders
+from moshi.utils.compile import no_cuda_graph
 
-import argparse  # noqa: E402
-import time  # noqa: E402
-from contextlib import nullcontext  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from moshi.models import LMGen, LMModel, loaders  # noqa: E402
-from moshi.utils.compile import no_cuda_graph  # noqa: E402
-
-from moshi_ttt import TTTConfig, TTTLMGen, apply_ttt, ttt_gatings  # noqa: E402
-from moshi_ttt.tiny import tiny_lm_kwargs  # noqa: E402
+from moshi_ttt import TTTConfig, TTTLMGen, apply_ttt, ttt_gatings
+from moshi_ttt.tiny import tiny_lm_kwargs
 
 MODELS = {
     "tiny": dict(

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Benchmark one TTT gating against Moshi's plain gating and the per-chunk-weight form.
 
 Prints, for each (T, C): forward+backward time and activation bytes saved for backward of
@@ -26,23 +25,19 @@ and a column gives the peak CUDA memory of forward+backward above the inputs and
 
 from __future__ import annotations
 
-import os
+import argparse
+import math
+import statistics
+import time
+from contextlib import contextmanager, nullcontext
 
-os.environ.setdefault("NO_TORCH_COMPILE", "1")
+import torch
+from moshi.modules.gating import ActivationGating
+from torch.nn import functional as F
 
-import argparse  # noqa: E402
-import math  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from contextlib import contextmanager, nullcontext  # noqa: E402
-
-import torch  # noqa: E402
-from moshi.modules.gating import ActivationGating  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-
-from moshi_ttt import TTTConfig, TTTGating  # noqa: E402
-from moshi_ttt import gating as gating_mod  # noqa: E402
-from moshi_ttt.ops import choose_form  # noqa: E402
+from moshi_ttt import TTTConfig, TTTGating
+from moshi_ttt import gating as gating_mod
+from moshi_ttt.ops import choose_form
 
 
 def ttt_per_chunk_weights(z, v, w0, eta, chunk_size, *, form=None, return_final=False, precision=None):

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Training cost of the TTT variants and the no-TTT baseline, measured the same way.
 
     python scripts/bench_variants.py [--config configs/recall_tiny.yaml] [--reps 10]
@@ -11,30 +10,22 @@ storage once, parameters excluded), with ratios to the baseline.
 
 from __future__ import annotations
 
-import os
+import argparse
+import copy
+import statistics
+import time
+from pathlib import Path
 
-os.environ.setdefault("NO_TORCH_COMPILE", "1")
+import torch
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+from finetune.args import load_config
+from finetune.data.build import build_datasets
+from finetune.data.loader import collate_codes
+from finetune.training.loss import loss_weights, training_loss
+from finetune.training.model import build_model
+from moshi_ttt import VARIANTS
 
-import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_ttt import count_saved  # noqa: E402
-
-from finetune.args import load_config  # noqa: E402
-from finetune.data.build import build_datasets  # noqa: E402
-from finetune.data.loader import collate_codes  # noqa: E402
-from finetune.loss import loss_weights, training_loss  # noqa: E402
-from finetune.model import build_model  # noqa: E402
-from moshi_ttt import VARIANTS  # noqa: E402
+from .bench_ttt import count_saved
 
 
 def train_step(model, cfg, codes, params) -> int:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Moshi's own web UI, served by this project, in a real (headless) Chromium, end to end.
 
     python scripts/browser_check.py runs/tiny --client ../moshi/client --screenshot docs/web_ui.png
@@ -45,8 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 # Flags needed for a headless Chromium in a container (no sandbox, no GPU, nothing fetched from
@@ -362,7 +360,7 @@ async def drive(url: str, devtools: int, args, screenshot: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ main
 def run_config(run: Path):
     from finetune.args import load_config
-    from finetune.inference import resolve_checkpoint
+    from finetune.serving.inference import resolve_checkpoint
 
     return load_config(resolve_checkpoint(run) / "config.yaml")
 
@@ -371,7 +369,7 @@ def tokenizer_pieces(cfg) -> set[str]:
     """The run's text pieces as the server sends them (SentencePiece's word marker as a space)."""
     import sentencepiece
 
-    from finetune.data.build import resolve_assets
+    from finetune.data.manifest import resolve_assets
 
     sp = sentencepiece.SentencePieceProcessor(model_file=str(resolve_assets(cfg)[0]))
     return {sp.id_to_piece(i).replace("\u2581", " ") for i in range(sp.vocab_size())}
@@ -382,7 +380,7 @@ def microphone_audio(cfg, wav: str | None) -> tuple[np.ndarray, str]:
     the run's eval (or train) manifest (speech like what the model learned to answer), else a
     synthetic voiced signal."""
     from finetune.data.dataset import scan_manifest
-    from finetune.inference import read_user_audio
+    from finetune.serving.inference import read_user_audio
 
     if wav is not None:
         return read_user_audio(wav), wav
@@ -412,7 +410,7 @@ def check(args, work: Path) -> None:
     port = free_port()
     server_log = work / "server.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, str(ROOT / "scripts" / "serve.py"), str(run), "--static", str(dist)]
+    cmd = [sys.executable, "-m", "finetune.commands.serve", str(run), "--static", str(dist)]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--batch-size", "1", "--device", "cpu"]
     log("server: " + " ".join(cmd))
     with open(server_log, "w") as out:

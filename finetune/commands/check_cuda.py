@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Correctness of the TTT layers on a GPU: fast forms, whole model, streaming, bf16.
 
 The test suite runs on CPU; this script checks on a CUDA device what only a GPU can show, and exits
@@ -22,20 +21,16 @@ non-zero when a check fails:
 
 from __future__ import annotations
 
-import os
+import argparse
+import contextlib
+import copy
+import sys
 
-os.environ.setdefault("NO_TORCH_COMPILE", "1")
+import torch
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import copy  # noqa: E402
-import sys  # noqa: E402
-
-import torch  # noqa: E402
-
-from moshi_ttt import TTTConfig, apply_ttt, ttt_gatings  # noqa: E402
-from moshi_ttt.ops import ttt_chunked, ttt_reference  # noqa: E402
-from moshi_ttt.tiny import build_tiny_lm  # noqa: E402
+from moshi_ttt import TTTConfig, apply_ttt, ttt_gatings
+from moshi_ttt.ops import ttt_chunked, ttt_reference
+from moshi_ttt.tiny import build_tiny_lm
 
 FAILED: list[str] = []
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Report every problem of a moshi-finetune dataset before training; exit code 0 only when clean.
 
     python scripts/check_dataset.py data/train.jsonl [more.jsonl ...] [--tokenizer tokenizer.model]
@@ -18,9 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from finetune.data.check import check_manifest  # noqa: E402
+from finetune.data.check import check_manifest
 
 
 def main() -> int:

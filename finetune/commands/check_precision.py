@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Precision of In-Place TTT's update math under bf16, against a float64 reference.
 
 Prints three tables of relative-RMS errors (``||a - ref|| / ||ref||``, as flash-linear-attention
@@ -33,21 +32,17 @@ own error, from ``linear_in`` and the bf16 output, is the baseline); table 3, st
 
 from __future__ import annotations
 
-import os
+import argparse
+import copy
+import sys
 
-os.environ.setdefault("NO_TORCH_COMPILE", "1")
+import torch
+from moshi.modules.gating import ActivationGating
+from torch.nn import functional as F
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import sys  # noqa: E402
-
-import torch  # noqa: E402
-from moshi.modules.gating import ActivationGating  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-
-from moshi_ttt import TTTConfig, TTTGating  # noqa: E402
-from moshi_ttt import gating as gating_mod  # noqa: E402
-from moshi_ttt.ops import ttt_chunked, ttt_reference  # noqa: E402
+from moshi_ttt import TTTConfig, TTTGating
+from moshi_ttt import gating as gating_mod
+from moshi_ttt.ops import ttt_chunked, ttt_reference
 
 U = 2.0**-8  # bf16 unit roundoff
 FAILED: list[str] = []

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Encode a dataset's audio with Mimi once, into the code cache training reads.
 
     python scripts/encode_codes.py configs/tiny.yaml
@@ -15,18 +14,11 @@ Files already cached are skipped; bad manifest lines and unreadable files are re
 
 from __future__ import annotations
 
-import os
+import sys
+import time
 
-os.environ.setdefault("NO_TORCH_COMPILE", "1")
-
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from finetune.cli import parse_cli, run_main  # noqa: E402
-from finetune.schema import ConfigError  # noqa: E402
+from finetune.cli import parse_cli, run_main
+from finetune.schema import ConfigError
 
 
 def main(argv: list[str]) -> int:
@@ -37,8 +29,8 @@ def main(argv: list[str]) -> int:
 
     from finetune.args import load_config
     from finetune.data.audio import FRAME_RATE, BadItem, CodeCache, encode_stereo, load_mimi, read_stereo
-    from finetune.data.build import config_num_codebooks, resolve_assets
     from finetune.data.dataset import read_manifest
+    from finetune.data.manifest import config_num_codebooks, resolve_assets
     from finetune.preflight import check_config_paths
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -85,5 +77,10 @@ def main(argv: list[str]) -> int:
     return 1 if failed else 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line: ``main(sys.argv[1:])``; a config error is one line and exit status 2."""
     run_main(main, __doc__)
+
+
+if __name__ == "__main__":
+    cli()

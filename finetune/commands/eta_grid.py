@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """The width x chunk x eta grid of configs/sweeps/eta_transfer.yaml: best eta per cell, and whether one
 normalised value is near-best everywhere.
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Loss by position and recall by distance for one or more runs, TTT and baselines side by side.
 
     python scripts/eval_long_context.py runs/recall_tiny runs/recall_tiny_baseline --out reports/recall
@@ -14,20 +13,11 @@ distance) into ``--out``.
 
 from __future__ import annotations
 
-import os
+import argparse
+import sys
+from pathlib import Path
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("NO_TORCH_COMPILE", "1")
-
-import argparse  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from finetune.longeval import evaluate_runs, to_markdown, write_report  # noqa: E402
+from finetune.research.long_context import evaluate_runs, to_markdown, write_report
 
 
 def main() -> int:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Turn a kyutai-labs/moshi-finetune YAML into this project's training config, with TTT added.
 
     python scripts/from_moshi_finetune.py mf.yaml -o configs/my_run.yaml
@@ -16,23 +15,18 @@ export WANDB_API_KEY instead. The output is the full resolved config (every key 
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
 
-os.environ.setdefault("NO_TORCH_COMPILE", "1")
+import yaml
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from datetime import date  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import yaml  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from finetune.args import TrainConfig, config_to_yaml  # noqa: E402
-from finetune.mf_compat import convert  # noqa: E402
-from finetune.schema import ConfigError, apply_overrides, from_dict, parse_key_values  # noqa: E402
+from finetune.args import TrainConfig, config_to_yaml
+from finetune.compat.convert import convert
+from finetune.schema import ConfigError, apply_overrides, from_dict, parse_key_values
 
 
 def main(argv: list[str] | None = None) -> int:

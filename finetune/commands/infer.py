@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Stream conversations through a fine-tuned (TTT) Moshi and write what it says.
 
     python scripts/infer.py runs/tiny user.wav [other.wav ...] [--out infer_out] [--sample] [--no-ttt-updates]
@@ -17,25 +16,18 @@ for comparison. The summary gives the per-frame latency (ms per 80 ms frame).
 
 from __future__ import annotations
 
-import os
+import argparse
+import json
+import sys
+import wave
+from pathlib import Path
 
+import numpy as np
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("NO_TORCH_COMPILE", "1")
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import wave  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from finetune.data.audio import FRAME_SIZE, SAMPLE_RATE  # noqa: E402
-from finetune.inference import (  # noqa: E402
+from finetune.data.audio import FRAME_SIZE, SAMPLE_RATE
+from finetune.serving.inference import (
+    Sampling,
     load_checkpoint_model,
     read_user_audio,
     stream_conversations,
@@ -66,8 +58,8 @@ def main() -> int:
     p.add_argument(
         "--sample", action="store_true", help="sample (temperatures, top-k) instead of greedy decoding"
     )
-    p.add_argument("--temp", type=float, default=0.8)
-    p.add_argument("--temp-text", type=float, default=0.7)
+    p.add_argument("--temp", type=float, default=Sampling.temp)
+    p.add_argument("--temp-text", type=float, default=Sampling.temp_text)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ttt-updates", action="store_true", help="freeze the fast weights at W^(0)")
     p.add_argument("--channel", choices=["auto", "left", "right"], default="auto")
@@ -86,9 +78,7 @@ def main() -> int:
     res = stream_conversations(
         loaded,
         audio,
-        greedy=not args.sample,
-        temp=args.temp,
-        temp_text=args.temp_text,
+        sampling=Sampling(greedy=not args.sample, temp=args.temp, temp_text=args.temp_text),
         seed=args.seed,
         ttt_updates=not args.no_ttt_updates,
         progress=not args.quiet,

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Write a small conversation dataset in the real (moshi-finetune) format, with everything to use it.
 
     python scripts/make_tiny_dataset.py data/tiny [--num-train 32 --num-eval 4 --seconds 16]
@@ -21,26 +20,21 @@ Deterministic for a given ``--seed``.
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import wave
+from pathlib import Path
 
-os.environ.setdefault("NO_TORCH_COMPILE", "1")
+import numpy as np
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import wave  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from finetune.data.audio import SAMPLE_RATE as SR  # noqa: E402
-from finetune.data.audio import tiny_mimi_config  # noqa: E402
+from finetune.data.audio import SAMPLE_RATE as SR
+from finetune.data.audio import tiny_mimi_config
 
 _MIMI_FIT_CONVERSATIONS = 36
 VOCAB = (

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Spoken symbols for the conversational-memory benchmark (``data.recall.facts: speech``).
 
     python scripts/make_word_codes.py configs/convmem_speech.yaml [--out data/recall_speech/words.safetensors]
@@ -13,25 +12,19 @@ word is therefore the same code pattern wherever it is said, and words differ in
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
-os.environ.setdefault("NO_TORCH_COMPILE", "1")
+import numpy as np
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from finetune.args import load_config  # noqa: E402
-from finetune.data.audio import FRAME_SIZE, SAMPLE_RATE, load_mimi  # noqa: E402
+from finetune.args import load_config
+from finetune.data.audio import FRAME_SIZE, SAMPLE_RATE, load_mimi
 
 MARKERS = ("note", "what")  # "note KEY VALUE" defines, "what KEY" asks
 KEYS = (
@@ -86,7 +79,7 @@ def main() -> None:
         p.error("espeak-ng is not on PATH (apt-get install espeak-ng)")
     if not cfg.data.mimi_weights:
         p.error("the config names no data.mimi_weights")
-    from finetune.model import resolve_base
+    from finetune.training.model import resolve_base
 
     kw, _ = resolve_base(cfg)
     n_user = int(kw["n_q"]) - int(kw["dep_q"])

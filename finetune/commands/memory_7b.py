@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """GPU memory of the Moshi-7B recipes at batch 1 with gradient checkpointing.
 
     python scripts/memory_7b.py                                    # the shipped 7B configs, estimated
@@ -15,28 +14,20 @@ window with ``scripts/bench_model.py --config CONFIG --T WINDOW`` (peak memory a
 
 from __future__ import annotations
 
-import os
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from moshi.models.loaders import _lm_kwargs
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("NO_TORCH_COMPILE", "1")
+from finetune.args import TrainConfig, load_config
+from finetune.training.model import build_model
+from moshi_ttt import named_ttt_layers
+from moshi_ttt.ops import choose_form
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from moshi.models.loaders import _lm_kwargs  # noqa: E402
-
-from finetune.args import TrainConfig, load_config  # noqa: E402
-from finetune.model import build_model  # noqa: E402
-from moshi_ttt import named_ttt_layers  # noqa: E402
-from moshi_ttt.ops import choose_form  # noqa: E402
-
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 GB = 1e9
 RECIPES = [
     "configs/moshi7b_lora_ttt.yaml",

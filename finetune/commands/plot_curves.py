@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Learning curves of logged metrics for several runs, side by side (from each run's metrics.jsonl).
 
     python scripts/plot_curves.py runs/recall_live runs/recall_live_baseline --out reports/curves.png
@@ -15,9 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from finetune.sweep import metric_curve  # noqa: E402
+from finetune.research.sweep import metric_curve
 
 
 def _run(arg: str) -> tuple[str, Path]:

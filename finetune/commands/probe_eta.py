@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Choose the TTT learning rate before a long run: per TTT layer, the TTT term relative to the base
 term and one chunk's update relative to ||W0||, for a list of eta values, raw and normalised.
 
@@ -16,23 +15,16 @@ probe the run's checkpoint after a few hundred steps to see the trained target p
 
 from __future__ import annotations
 
-import os
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("NO_TORCH_COMPILE", "1")
-
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from finetune.probe import load_probe_model, probe, probe_batches, to_text  # noqa: E402
-from finetune.schema import ConfigError  # noqa: E402
+from finetune.research.eta_probe import load_probe_model, probe, probe_batches, to_text
+from finetune.schema import ConfigError
 
 
 def main() -> int:

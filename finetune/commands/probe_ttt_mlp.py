@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """In-context associative recall with a TTT-MLP layer alone (no attention, no Moshi around it).
 
     python scripts/probe_ttt_mlp.py [--steps 1500] [--eta 1.0] [--chunk 4] [--qk-norm] [--no-updates]
@@ -22,18 +21,12 @@ query accuracy on held-out sequences with updates on and off, and the inner loss
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-from pathlib import Path
 
-os.environ.setdefault("NO_TORCH_COMPILE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch import nn
+from torch.nn import functional as F
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-
-from moshi_ttt import TTTConfig, TTTMLPGating  # noqa: E402
+from moshi_ttt import TTTConfig, TTTMLPGating
 
 
 class Probe(nn.Module):

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Run a grid of training settings, then collect the results into a table and a plot.
 
 Run from the repository root. Every way of running a sweep trains point I (0..N-1, in file order) in
@@ -19,29 +18,21 @@ A job array (SLURM): ``#SBATCH --array=0-<N-1>`` and
 The wandb export names ``scripts/sweep_point.py`` as its program: the agent's ``--key=value``
 arguments (or ``--point=I`` for a union of grids) select the point, which trains in the same run
 directory as here. ``--wandb-split`` writes one sweep per grid of a union instead (OUT.01.yaml, ...).
-The file format is described in ``finetune/sweep.py``.
+The file format is described in ``finetune/research/sweep.py``.
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import sys
+from pathlib import Path
 
-import torch
+import yaml
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("NO_TORCH_COMPILE", "1")
+from finetune.research.sweep import Sweep, exit_status, markdown_table, shell_line, subprocess_runner
+from finetune.schema import ConfigError
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import yaml  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from finetune.schema import ConfigError  # noqa: E402
-from finetune.sweep import Sweep, exit_status, markdown_table, shell_line, subprocess_runner  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
 def split_paths(out: Path, n: int) -> list[Path]:

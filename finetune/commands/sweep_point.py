@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Train one point of a sweep in its own run directory: the program of the wandb sweeps that
 ``scripts/sweep.py SWEEP.yaml --wandb-sweep OUT`` writes.
 
@@ -17,22 +16,13 @@ Run from the repository root (where ``wandb agent`` is started).
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
-import torch
+from finetune.cli import parse_cli, run_main
+from finetune.research.sweep import Sweep, exit_status, subprocess_runner
+from finetune.schema import ConfigError
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("NO_TORCH_COMPILE", "1")
-
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from finetune.cli import parse_cli, run_main  # noqa: E402
-from finetune.schema import ConfigError  # noqa: E402
-from finetune.sweep import Sweep, exit_status, subprocess_runner  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
 def main(argv: list[str]) -> int:
@@ -48,5 +38,10 @@ def main(argv: list[str]) -> int:
     return exit_status(result)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line: ``main(sys.argv[1:])``; a config error is one line and exit status 2."""
     run_main(main, __doc__)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Fine-tune Moshi with In-Place TTT.
 
     python train.py configs/tiny.yaml                                  # one process (CPU or one GPU)
@@ -12,22 +11,16 @@ same run_dir (``resume: auto``). Exit status: 0 done, 2 configuration refused (o
 line), 1 the run diverged (non-finite steps; checkpoints intact) or failed.
 """
 
-import os
 import sys
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("NO_TORCH_COMPILE", "1")  # before moshi is imported
-
-from finetune.args import load_config  # noqa: E402
-from finetune.cli import parse_cli, run_main  # noqa: E402
+from finetune.args import load_config
+from finetune.cli import parse_cli, run_main
 
 
 def main(argv: list[str]) -> int:
     config, overrides = parse_cli(argv)
     cfg = load_config(config, overrides)
-    from finetune.trainer import Diverged, train
+    from finetune.training.trainer import Diverged, train
 
     try:
         train(cfg)
@@ -37,5 +30,10 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line: ``main(sys.argv[1:])``; a config error is one line and exit status 2."""
     run_main(main, __doc__)
+
+
+if __name__ == "__main__":
+    cli()

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..distributed import all_gather_object
 from ..schema import ConfigError
+from ..training.distributed import all_gather_object
 
 
 @dataclass

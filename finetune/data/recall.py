@@ -56,6 +56,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..schema import ConfigError
+from .manifest import conversation_datasets
 from .synthetic import EVAL_SEED_OFFSET
 
 logger = logging.getLogger(__name__)
@@ -427,8 +428,6 @@ def recall_datasets(cfg, model):
     r = cfg.data.recall
     banks, conversations = (None, None), (None, None)
     if r.reads_manifests:
-        from .build import conversation_datasets
-
         conversations = conversation_datasets(cfg, model)
     if r.audio == "bank":
         train_audio, eval_audio = conversations

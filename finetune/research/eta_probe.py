@@ -25,7 +25,7 @@ import torch
 
 from moshi_ttt import named_ttt_layers
 
-from .args import TrainConfig, load_config
+from ..args import TrainConfig, load_config
 
 RATIOS = ("term_ratio", "chunk_update_ratio")
 
@@ -50,12 +50,12 @@ def load_probe_model(
     run / checkpoint directory (its trained weights); ``overrides`` apply to the config either way."""
     path = Path(path)
     if path.is_dir():
-        from .inference import load_checkpoint_model
+        from ..serving.inference import load_checkpoint_model
 
         loaded = load_checkpoint_model(path, device=device, with_codec=False)
         cfg = load_config(loaded.checkpoint / "config.yaml", overrides)
         return loaded.lm, cfg, f"checkpoint {loaded.checkpoint}"
-    from .model import build_model
+    from ..training.model import build_model
 
     cfg = load_config(path, overrides)
     if not cfg.ttt.enabled:
@@ -64,7 +64,7 @@ def load_probe_model(
 
 
 def probe_batches(cfg: TrainConfig, lm: torch.nn.Module, n: int, batch_size: int) -> list[torch.Tensor]:
-    from .data.build import build_datasets
+    from ..data.build import build_datasets
 
     train_set, _ = build_datasets(cfg, lm)
     out: list[torch.Tensor] = []

@@ -21,11 +21,11 @@ from torch.nn import functional as F
 
 from moshi_ttt import set_ttt_updates
 
-from .data.audio import FRAME_RATE
-from .data.build import build_datasets
-from .data.recall import attention_window, receptive_field
-from .evaluation import has_queries, recall_scores
-from .inference import LoadedModel, load_checkpoint_model
+from ..data.audio import FRAME_RATE
+from ..data.build import build_datasets
+from ..data.recall import attention_window, receptive_field
+from ..serving.inference import LoadedModel, load_checkpoint_model
+from ..training.evaluation import has_queries, recall_scores
 
 
 @dataclass
@@ -172,7 +172,7 @@ def evaluate_runs(
         loaded = load_checkpoint_model(run, with_codec=False)
         if dataset is None:
             if eval_config is not None:
-                from .args import load_config
+                from ..args import load_config
 
                 cfg = load_config(eval_config)
                 _, dataset = build_datasets(cfg, loaded.lm)

@@ -51,9 +51,9 @@ from typing import Any
 
 import yaml
 
-from .args import load_config, saved_config_with_defaults
-from .checkpointing import list_checkpoints
-from .schema import ConfigError, get_dotted, to_dict
+from ..args import load_config, saved_config_with_defaults
+from ..schema import ConfigError, get_dotted, to_dict
+from ..training.checkpointing import list_checkpoints
 
 # The wandb agent's program (relative to the repository root, where `wandb agent` is started): it
 # rebuilds a point from the agent's arguments and trains it in that point's run directory.

@@ -13,16 +13,17 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from moshi_ttt import TTTLMGen, apply_ttt, load_ttt_config, load_ttt_weights, set_ttt_updates
 
-from .args import TrainConfig, load_config
-from .checkpointing import list_checkpoints
-from .data.audio import FRAME_RATE
-from .preflight import check_moshi_weights
+from ..args import TrainConfig, load_config
+from ..data.audio import FRAME_RATE
+from ..preflight import check_moshi_weights
+from ..training.checkpointing import list_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,8 @@ def load_checkpoint_model(
     """The checkpoint's model (LM in ``dtype``: default bf16 on GPU, fp32 on CPU), tokenizer and Mimi."""
     from moshi.models import loaders
 
-    from .data.audio import load_mimi
-    from .data.build import resolve_assets
+    from ..data.audio import load_mimi
+    from ..data.manifest import resolve_assets
 
     ckpt = resolve_checkpoint(path)
     cfg = load_config(ckpt / "config.yaml")
@@ -111,7 +112,7 @@ def read_user_audio(path: str | Path, channel: str = "auto") -> np.ndarray:
     """The user's speech, mono float32 at 24 kHz. Stereo files follow the dataset layout (user = right)."""
     import sphn
 
-    from .data.audio import SAMPLE_RATE
+    from ..data.audio import SAMPLE_RATE
 
     path = Path(path)
     if not path.is_file():
@@ -141,17 +142,38 @@ class StreamResult:
     frame_ms: list[float]  # per-frame total latency (Mimi encode + LM + Mimi decode), ms
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How Moshi picks its tokens: moshi's ``LMGen`` arguments, with ``moshi.server``'s defaults (the
+    one set of sampling defaults: the server, ``scripts/infer.py`` and the benchmarks read them here)."""
+
+    greedy: bool = False
+    temp: float = 0.8
+    temp_text: float = 0.7
+    top_k: int = 250
+    top_k_text: int = 25
+
+    def lmgen_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of moshi's ``LMGen`` (and :class:`moshi_ttt.TTTLMGen`)."""
+        return dict(
+            use_sampling=not self.greedy,
+            temp=self.temp,
+            temp_text=self.temp_text,
+            top_k=self.top_k,
+            top_k_text=self.top_k_text,
+        )
+
+
+GREEDY = Sampling(greedy=True)
+
+
 @torch.no_grad()
 def stream_conversations(
     loaded: LoadedModel,
     user_audio: list[np.ndarray] | None = None,
     *,
     user_codes: torch.Tensor | None = None,
-    greedy: bool = True,
-    temp: float = 0.8,
-    temp_text: float = 0.7,
-    top_k: int = 250,
-    top_k_text: int = 25,
+    sampling: Sampling = GREEDY,
     ttt_updates: bool = True,
     seed: int = 0,
     progress: bool = False,
@@ -163,7 +185,7 @@ def stream_conversations(
     bit-stable across batch sizes (its nearest-code decisions can flip with the batch's float rounding),
     so pass codes to compare runs of different batch sizes exactly.
     """
-    from .data.audio import FRAME_SIZE
+    from ..data.audio import FRAME_SIZE
 
     if (user_audio is None) == (user_codes is None):
         raise ValueError("give exactly one of user_audio or user_codes")
@@ -182,9 +204,7 @@ def stream_conversations(
     else:
         B, _, n_frames = user_codes.shape
         user_codes = user_codes.to(device)
-    gen = TTTLMGen(
-        lm, use_sampling=not greedy, temp=temp, temp_text=temp_text, top_k=top_k, top_k_text=top_k_text
-    )
+    gen = TTTLMGen(lm, **sampling.lmgen_kwargs())
     text, audio_toks, out_pcm, user_toks, step_ms, frame_ms = [], [], [], [], [], []
     frames = range(n_frames)
     if progress:

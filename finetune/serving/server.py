@@ -33,7 +33,6 @@ for the model and the model never waits for a client (each connection has its ow
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import contextlib
@@ -47,6 +46,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from moshi_ttt import TTTLMGen, set_ttt_updates, ttt_gatings
+
+from .inference import Sampling, load_checkpoint_model
 
 logger = logging.getLogger(__name__)
 
@@ -68,17 +71,6 @@ CLOSE_BUSY = 1013
 
 # moshi.server's default web UI: a built copy of moshi's client, kept on the Hub.
 WEB_UI_REPO, WEB_UI_FILE = "kyutai/moshi-artifacts", "dist.tgz"
-
-
-@dataclass
-class Sampling:
-    """How Moshi picks its tokens (moshi's LMGen arguments; moshi.server's defaults)."""
-
-    greedy: bool = False
-    temp: float = 0.8
-    temp_text: float = 0.7
-    top_k: int = 250
-    top_k_text: int = 25
 
 
 @dataclass
@@ -106,8 +98,6 @@ class SlotBatch:
         sampling: Sampling | None = None,
         cuda_graphs: bool = True,
     ) -> None:
-        from moshi_ttt import TTTLMGen
-
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
@@ -118,16 +108,7 @@ class SlotBatch:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         # support_out_of_sync: LMGen would otherwise return nothing for max_delay steps after any
         # slot's reset (its warm-up counter is batch-wide); per-slot validity comes from its mask.
-        sp = sampling or Sampling()
-        self.gen = TTTLMGen(
-            lm,
-            use_sampling=not sp.greedy,
-            temp=sp.temp,
-            temp_text=sp.temp_text,
-            top_k=sp.top_k,
-            top_k_text=sp.top_k_text,
-            support_out_of_sync=True,
-        )
+        self.gen = TTTLMGen(lm, **(sampling or Sampling()).lmgen_kwargs(), support_out_of_sync=True)
         self.max_delay = int(self.gen.max_delay)
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(self.gen.streaming(batch_size))
@@ -585,10 +566,6 @@ def build_server(
     **server_kwargs,
 ) -> ConversationServer:
     """A run or checkpoint of this project, loaded with its own tokenizer and Mimi, ready to serve."""
-    from moshi_ttt import set_ttt_updates, ttt_gatings
-
-    from .inference import load_checkpoint_model
-
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     loaded = load_checkpoint_model(checkpoint, device, dtype=DTYPES[dtype] if dtype else None)
@@ -605,77 +582,3 @@ def build_server(
     lm = loaded.lm
     skip = (lm.text_padding_token_id, lm.end_of_text_padding_id)
     return ConversationServer(batch, loaded.tokenizer, text_skip=skip, **server_kwargs)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="serve.py",
-        description="Talk to a fine-tuned (TTT) Moshi: moshi's websocket protocol and web UI, "
-        "BATCH_SIZE conversations at once, each with its own fast weights.",
-    )
-    p.add_argument("checkpoint", help="a run directory (its newest checkpoint) or a checkpoint directory")
-    p.add_argument("--batch-size", type=int, default=4, help="conversation slots served at once")
-    p.add_argument("--no-ttt-updates", action="store_true", help="keep the fast weights at W^(0) (A/B)")
-    p.add_argument("--host", default="localhost")
-    p.add_argument("--port", type=int, default=8998)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="LM dtype (default: bf16 on GPU, fp32 on CPU)"
-    )
-    p.add_argument("--no-cuda-graphs", action="store_true", help="run without moshi's CUDA graphs on GPU")
-    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    p.add_argument("--temp", type=float, default=0.8)
-    p.add_argument("--temp-text", type=float, default=0.7)
-    p.add_argument("--top-k", type=int, default=250)
-    p.add_argument("--top-k-text", type=int, default=25)
-    p.add_argument("--seed", type=int, default=42424242)
-    p.add_argument(
-        "--static", default=None, help="web UI directory; default: moshi's from the Hub; 'none': no UI"
-    )
-    p.add_argument("--ssl", default=None, help="directory with cert.pem and key.pem: serve https/wss")
-    p.add_argument("--max-backlog", type=float, default=60.0, help="seconds of audio a client may send ahead")
-    args = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
-    from aiohttp import web
-
-    ssl_context = None
-    if args.ssl is not None:
-        import ssl
-
-        cert, key = Path(args.ssl) / "cert.pem", Path(args.ssl) / "key.pem"
-        if not cert.is_file() or not key.is_file():
-            print(f"error: --ssl {args.ssl}: expected cert.pem and key.pem there")
-            return 2
-        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_context.load_cert_chain(certfile=str(cert), keyfile=str(key))
-    try:
-        static_path = resolve_static(args.static)
-        server = build_server(
-            args.checkpoint,
-            batch_size=args.batch_size,
-            device=args.device,
-            dtype=args.dtype,
-            ttt_updates=not args.no_ttt_updates,
-            sampling=Sampling(args.greedy, args.temp, args.temp_text, args.top_k, args.top_k_text),
-            cuda_graphs=not args.no_cuda_graphs,
-            seed=args.seed,
-            max_backlog_s=args.max_backlog,
-        )
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}")
-        return 2
-    if static_path is not None:
-        logger.info("serving the web UI from %s", static_path)
-    scheme = "https" if ssl_context else "http"
-    where = f"{scheme}://{args.host}:{args.port}"
-    ui = f"web UI at {where}, " if static_path is not None else "no web UI (--static none), "
-    logger.info(
-        "%d conversation slots; %swebsocket at %s/api/chat",
-        args.batch_size,
-        ui,
-        where.replace("http", "ws", 1),
-    )
-    web.run_app(make_app(server, static_path), host=args.host, port=args.port, ssl_context=ssl_context)
-    return 0

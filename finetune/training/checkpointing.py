@@ -53,9 +53,9 @@ from torch import nn
 
 from moshi_ttt import save_ttt_weights, to_moshi_state_dict, ttt_info, ttt_state_dict
 
+from ..schema import ConfigError
 from .distributed import DistInfo, all_reduce_sum, barrier
 from .model import embedding_params
-from .schema import ConfigError
 
 logger = logging.getLogger(__name__)
 

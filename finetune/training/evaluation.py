@@ -2,7 +2,7 @@
 
 :func:`evaluate` is what the trainer logs every ``eval.interval`` steps; :func:`recall_scores` scores
 the queries of the recall task (``finetune.data.recall``) for it and for the long-context evaluation
-(``finetune.longeval``).
+(``finetune.research.long_context``).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from collections.abc import Iterator
 import torch
 from torch.nn import functional as F
 
+from ..args import TrainConfig
+from ..data import eval_batches
+from ..data.loader import eval_plan
+from ..data.recall import Query
 from . import distributed as D
-from .args import TrainConfig
-from .data import eval_batches
-from .data.loader import eval_plan
-from .data.recall import Query
 from .loss import loss_weights, training_loss
 
 

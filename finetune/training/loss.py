@@ -27,7 +27,7 @@ import torch
 from torch.nn import functional as F
 
 if TYPE_CHECKING:
-    from .args import LossArgs
+    from ..args import LossArgs
 
 
 @dataclass

@@ -26,9 +26,9 @@ from moshi_ttt import apply_ttt, named_ttt_layers
 from moshi_ttt.tiny import tiny_lm_kwargs
 from moshi_ttt.variants import param_groups as ttt_param_groups
 
-from .args import TrainConfig
-from .mf_compat import init_from_files, init_state, merged_config
-from .schema import ConfigError
+from ..args import TrainConfig
+from ..compat.init_from import init_from_files, init_state, merged_config
+from ..schema import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ def optimizer_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]
 def read_moshi_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """A base Moshi state dict: safetensors, or (only with ``allow_pickle``) moshi's pickled ``.pt``
     package, read the way moshi reads it (``torch.load`` without ``weights_only``: it can run code)."""
-    from .preflight import SAFETENSORS_SUFFIXES, check_moshi_weights
+    from ..preflight import SAFETENSORS_SUFFIXES, check_moshi_weights
 
     if Path(path).suffix in SAFETENSORS_SUFFIXES:
         return load_file(str(path))

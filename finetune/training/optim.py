@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-from .args import TrainConfig
+from ..args import TrainConfig
 from .model import optimizer_groups
 
 logger = logging.getLogger("finetune")

@@ -24,12 +24,14 @@ from torch import nn
 
 from moshi_ttt import ttt_gatings
 
+from ..args import TrainConfig, check_resume_compatible, config_to_yaml
+from ..data import BatchPlan, ResumableLoader
+from ..data.build import build_datasets, report_windows
+from ..data.loader import eval_plan
+from ..preflight import absolute_paths, check_config_paths
+from ..schema import to_dict
 from . import distributed as D
-from .args import TrainConfig, check_resume_compatible, config_to_yaml
 from .checkpointing import ResumePoint, Resumer, SaveSchedule, claimed_run_dir, save_checkpoint
-from .data import BatchPlan, ResumableLoader
-from .data.build import build_datasets, report_windows
-from .data.loader import eval_plan
 from .evaluation import evaluate
 from .loss import loss_weights, training_loss
 from .model import build_model, param_table
@@ -43,8 +45,6 @@ from .monitoring import (
     ttt_telemetry,
 )
 from .optim import apply_new_lrs, build_optimizer
-from .preflight import absolute_paths, check_config_paths
-from .schema import to_dict
 
 logger = logging.getLogger("finetune")
 
