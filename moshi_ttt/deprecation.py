@@ -2,7 +2,7 @@
 
 :func:`alias_modules` makes ``import old.name`` load ``new.name`` (the same module object, so a
 monkeypatch through either name reaches the other); :func:`moved_attributes` gives a package the
-module ``__getattr__`` that resolves a renamed attribute (``moshi_ttt.TTTGating``). The tables that
+module ``__getattr__`` that resolves a renamed attribute (``moshi_ttt.InPlaceTTT``). The tables that
 use them (in ``moshi_ttt/__init__.py`` and ``finetune/__init__.py``) are the changelog of what moved.
 """
 
@@ -20,7 +20,9 @@ REMOVAL = "the next release"
 
 
 def _warn(old: str, new: str) -> None:
-    warnings.warn(f"{old} moved to {new}; the old name goes away in {REMOVAL}", DeprecationWarning, stacklevel=3)
+    warnings.warn(
+        f"{old} moved to {new}; the old name goes away in {REMOVAL}", DeprecationWarning, stacklevel=3
+    )
 
 
 class _AliasLoader(importlib.abc.Loader):

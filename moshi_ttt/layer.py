@@ -8,6 +8,10 @@ one line in :mod:`moshi_ttt.variants`.
 A variant **declares** (class attributes):
 
 - ``VARIANT``: its ``TTTConfig.variant`` name;
+- ``SETTINGS``: its own settings, a dataclass subclassing :class:`VariantSettings` (fields with
+  defaults, ``metadata=FIXED_ON_RESUME`` on those that decide its parameters, and a ``check``).
+  :class:`moshi_ttt.TTTConfig` is composed of the common settings and every registered variant's
+  ``SETTINGS``, so they are flat ``ttt.<name>`` keys of a training config and of a TTT file's metadata;
 - ``PARAM_GROUPS``: its TTT weights, by :class:`ParamGroup` (the optimizer group and parameter-table
   row; a group with ``when`` exists only when that ``TTTConfig`` flag is set). A group is ``pretrained`` when it is taken from the base checkpoint (In-Place's ``w_down``);
   every other TTT weight is *new*: a vanilla Moshi checkpoint lacks it and
@@ -17,7 +21,7 @@ A variant **declares** (class attributes):
   ``linear_out.weight``), for exporting back to moshi;
 - ``GRAPH_STEPS``: whether it has a CUDA-graph-capturable streaming step for :class:`moshi_ttt.TTTLMGen`
   (then it implements ``_forward_graph_step`` and ``prepare_graph_step(pos)`` and its state keeps
-  ``pos_dev`` / ``graph_steps``, as :class:`moshi_ttt.gating.TTTGating` does); without one, a model
+  ``pos_dev`` / ``graph_steps``, as :class:`moshi_ttt.inplace.InPlaceTTT` does); without one, a model
   with that variant streams without CUDA graphs.
 
 A variant **implements**: ``_wrap`` (build from moshi's gating), :meth:`TTTLayer.init_new_parameters`,
@@ -46,6 +50,33 @@ from torch import nn
 
 if TYPE_CHECKING:
     from .config import TTTConfig
+
+
+# Field metadata of a setting the TTT parameters depend on (which exist, their shapes, what they read):
+# a checkpoint is tied to it (finetune's resume check refuses a change).
+FIXED_ON_RESUME = {"fixed_on_resume": True}
+
+
+@dataclass
+class VariantSettings:
+    """Base of a variant's own settings (``TTTLayer.SETTINGS``): a dataclass mixed into
+    :class:`moshi_ttt.TTTConfig`. Every field needs a default; names must not clash with another
+    variant's or the common settings'."""
+
+    def check(self) -> None:
+        """Validate the variant's own fields; ``self`` is the whole :class:`~moshi_ttt.TTTConfig` (so
+        ``self.variant`` says whether this variant is the one in use). Raise ``ValueError`` naming
+        ``TTTConfig.<field>``."""
+
+
+def setting_error(config: object, name: str, why: str) -> ValueError:
+    """The error of an invalid setting: ``TTTConfig.<name>: <why> (got <value>)``."""
+    return ValueError(f"TTTConfig.{name}: {why} (got {getattr(config, name)!r})")
+
+
+def is_int(x: object) -> bool:
+    """An integer that is not a bool (YAML's ``true`` is not a count)."""
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 # What a variant records in ``last_stats`` (each optional), all means over the batch:
@@ -109,6 +140,7 @@ class TTTLayer(StreamingModule[S]):
 
     _fsdp_final = True  # as moshi's ActivationGating: an FSDP wrapping policy stops here
     VARIANT: ClassVar[str]
+    SETTINGS: ClassVar[type[VariantSettings]] = VariantSettings
     PARAM_GROUPS: ClassVar[tuple[ParamGroup, ...]]
     SLOW_PARAMS: ClassVar[tuple[str, ...]]
     MOSHI_KEYS: ClassVar[dict[str, str]] = {}
@@ -160,9 +192,10 @@ class TTTLayer(StreamingModule[S]):
 
     @classmethod
     def source(cls, config: TTTConfig) -> str:
-        """What the layer reads besides its MLP input: ``text_emb``, ``input_emb``, ``user_audio_emb`` or ``hidden``
-        (nothing else). ``apply_ttt`` captures it and hands it to :meth:`forward` as ``src``."""
-        return config.target_source
+        """What the layer reads besides its MLP input: ``text_emb``, ``input_emb``, ``user_audio_emb`` or
+        ``hidden`` (the default: nothing else). ``apply_ttt`` captures it and hands it to
+        :meth:`forward` as ``src``."""
+        return "hidden"
 
     @classmethod
     def from_gating(cls, gating: nn.Module, config: TTTConfig) -> TTTLayer:

@@ -27,6 +27,7 @@ from moshi.modules.transformer import StreamingTransformerLayer
 from torch import nn
 
 from .config import TTTConfig
+from .deprecation import moved_attributes
 from .layer import TTTLayer, named_ttt_layers
 from .variants import variant_class
 
@@ -90,7 +91,7 @@ def ttt_info(model: nn.Module) -> TTTModelInfo | None:
     return getattr(model, _ATTR, None)
 
 
-def ttt_gatings(model: nn.Module) -> dict[int, TTTLayer]:
+def ttt_layers(model: nn.Module) -> dict[int, TTTLayer]:
     """``{layer index: TTT layer}`` of a patched model."""
     out = {}
     for i, layer in enumerate(model.transformer.layers):
@@ -139,14 +140,32 @@ def apply_ttt(lm_model: nn.Module, config: TTTConfig) -> nn.Module:
                 f"layer {i} has {kind}; TTT needs moshi's gated MLP (gating='silu', "
                 "no weights_per_step), as in the main transformer of every Moshi checkpoint"
             )
+    layer_cls = variant_class(config.variant)
+    if not isinstance(config, layer_cls.SETTINGS):
+        raise ValueError(
+            f"variant {config.variant!r} was registered after TTTConfig was built, so this config lacks "
+            "its settings; build it with moshi_ttt.config.config_class()(...)"
+        )
     for layer in layers:
         layer.__class__ = _ttt_layer_class(type(layer))
-    layer_cls = variant_class(config.variant)
     for i in selected:
         layers[i].gating = layer_cls.from_gating(layers[i].gating, config)
 
     info = TTTModelInfo(config=config, layers=selected)
-    source = layer_cls.source(config)
+    _hand_over_source(lm_model, info, layer_cls.source(config))
+    setattr(lm_model, _ATTR, info)
+    # moshi caches the list of streaming children at the first streaming() call: drop stale caches.
+    for m in lm_model.modules():
+        if isinstance(m, StreamingModule):
+            m._cached_children = None
+    logger.info("TTT (%s) on layers %s (%s)", config.variant, selected, config.to_json())
+    return lm_model
+
+
+def _hand_over_source(lm_model: nn.Module, info: TTTModelInfo, source: str) -> None:
+    """Hooks that capture the TTT layers' ``source`` (``text_emb``, ``input_emb``, ``user_audio_emb``;
+    ``hidden`` needs none) and pass it to the transformer's layers as ``ttt_src``."""
+    transformer = lm_model.transformer
     if source == "text_emb":
 
         def capture(_module, _inputs, output):
@@ -176,14 +195,6 @@ def apply_ttt(lm_model: nn.Module, config: TTTConfig) -> nn.Module:
 
         info.handles.append(transformer.register_forward_pre_hook(inject, with_kwargs=True))
 
-    setattr(lm_model, _ATTR, info)
-    # moshi caches the list of streaming children at the first streaming() call: drop stale caches.
-    for m in lm_model.modules():
-        if isinstance(m, StreamingModule):
-            m._cached_children = None
-    logger.info("TTT (%s) on layers %s (%s)", config.variant, selected, config.to_json())
-    return lm_model
-
 
 def _capture_user_audio(lm_model: nn.Module, info: TTTModelInfo) -> None:
     """Hooks summing the embeddings of the other speaker's codebooks (``emb[dep_q:]``, called in
@@ -204,3 +215,7 @@ def _capture_user_audio(lm_model: nn.Module, info: TTTModelInfo) -> None:
 
     for k in range(dep_q, n_q):
         info.handles.append(lm_model.emb[k].register_forward_hook(capture(k)))
+
+
+# Old names (issue 24), with a DeprecationWarning until the next release.
+__getattr__ = moved_attributes(__name__, {"ttt_gatings": "moshi_ttt.patch:ttt_layers"})

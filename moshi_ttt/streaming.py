@@ -8,7 +8,7 @@ from typing import Any
 from moshi.models import LMGen
 from moshi.utils.compile import no_cuda_graph
 
-from .patch import ttt_gatings
+from .patch import ttt_layers
 
 
 class TTTLMGen(LMGen):
@@ -18,7 +18,7 @@ class TTTLMGen(LMGen):
     An In-Place TTT layer updates its fast weight once every ``chunk_size`` steps, which a replayed
     graph cannot contain. So each step here runs the layers' capturable graph-mode path (output with
     the chunk-start weight; activations and target source written into the chunk buffers at a
-    device-side position), and before each step :meth:`TTTGating.prepare_graph_step` applies, outside
+    device-side position), and before each step :meth:`InPlaceTTT.prepare_graph_step` applies, outside
     the graph, the updates of the chunks that completed (one host sync per step). The results equal
     moshi's ``LMGen`` run without graphs. A variant without a graph-mode path (``GRAPH_STEPS`` False,
     TTT-MLP today) makes the model stream without CUDA graphs. On CPU (no graphs) it behaves like
@@ -27,7 +27,7 @@ class TTTLMGen(LMGen):
 
     def __init__(self, lm_model, *args: Any, **kwargs: Any) -> None:
         super().__init__(lm_model, *args, **kwargs)
-        gatings = list(ttt_gatings(lm_model).values())
+        gatings = list(ttt_layers(lm_model).values())
         self._graphed = [g for g in gatings if g.GRAPH_STEPS]
         self._graphable = len(self._graphed) == len(gatings)
 

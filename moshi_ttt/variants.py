@@ -1,17 +1,17 @@
 """The registry of TTT variants: ``TTTConfig.variant`` name -> :class:`~moshi_ttt.layer.TTTLayer` class.
 
-``TTTConfig`` validates ``variant`` against it and ``apply_ttt`` builds the layers from it. A new
-variant is a module implementing :class:`~moshi_ttt.layer.TTTLayer` (see the README, "Adding a TTT
-variant") plus one entry here.
+``TTTConfig`` validates ``variant`` against it and takes each variant's own settings from it
+(``SETTINGS``), and ``apply_ttt`` builds the layers from it. A new variant is a module implementing
+:class:`~moshi_ttt.layer.TTTLayer` (docs/variants.md, "Adding a TTT variant") plus one entry here.
 """
 
 from __future__ import annotations
 
-from .gating import TTTGating
+from .inplace import InPlaceTTT
 from .layer import ParamGroup, TTTLayer
-from .ttt_mlp import TTTMLPGating
+from .mlp import TTTMLP
 
-VARIANTS: dict[str, type[TTTLayer]] = {cls.VARIANT: cls for cls in (TTTGating, TTTMLPGating)}
+VARIANTS: dict[str, type[TTTLayer]] = {cls.VARIANT: cls for cls in (InPlaceTTT, TTTMLP)}
 
 
 def variant_class(name: str) -> type[TTTLayer]:

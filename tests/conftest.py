@@ -40,11 +40,11 @@ def stream_text_logits(model, seq: torch.Tensor, pieces: list[int]) -> torch.Ten
 
 def randomize_ttt(model, std: float = 0.3, seed: int = 0) -> None:
     """Give every TTT gating's target path (and w_down) random nonzero values."""
-    from moshi_ttt import ttt_gatings
+    from moshi_ttt import ttt_layers
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for gating in ttt_gatings(model).values():
+        for gating in ttt_layers(model).values():
             gating.target_conv.copy_(torch.randn(gating.target_conv.shape, generator=g) * std)
             gating.target_proj.add_(torch.randn(gating.target_proj.shape, generator=g) * std / 4)
             gating.w_down.add_(torch.randn(gating.w_down.shape, generator=g) * 0.01)

@@ -28,7 +28,7 @@ def test_bench_model_builds_moshi_7b_as_the_lora_ttt_config_says():
     base = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and "target_" not in n)
     assert round(base / 1e9, 2) == 7.69
     assert model.transformer.checkpointing and cfg.lora.rank == 128 and cfg.ttt.chunk_size == 512
-    assert sorted(bench_model.ttt_gatings(model)) == [0, 6, 12, 18, 24, 30]
+    assert sorted(bench_model.ttt_layers(model)) == [0, 6, 12, 18, 24, 30]
     for p in model.parameters():
         assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16)
     assert bench_model.bench_config(path, False, None, torch.device("cpu"), ttt=False).ttt.enabled is False

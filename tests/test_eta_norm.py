@@ -9,8 +9,8 @@ import torch
 from conftest import random_codes, randomize_ttt
 from torch.nn import functional as F
 
-from moshi_ttt import TTTConfig, apply_ttt, ttt_gatings
-from moshi_ttt.gating import chunk_mean_sq
+from moshi_ttt import TTTConfig, apply_ttt, ttt_layers
+from moshi_ttt.inplace import chunk_mean_sq
 from moshi_ttt.tiny import build_tiny_lm
 
 C = 8
@@ -30,7 +30,7 @@ def _gating(eta_norm, seed=0, fast_form="auto", kernel=3, depthwise=True, write_
         conv_depthwise=depthwise,
         write_gate=write_gate,
     )
-    g = ttt_gatings(apply_ttt(base, cfg))[0]
+    g = ttt_layers(apply_ttt(base, cfg))[0]
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         g.target_conv.copy_(torch.randn(g.target_conv.shape, generator=gen, dtype=torch.float64) * 0.3)
@@ -145,7 +145,7 @@ def _model(eta_norm, context=16, write_gate=False):
     if write_gate:
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():
-            for g in ttt_gatings(model).values():
+            for g in ttt_layers(model).values():
                 g.write_gate_w.copy_(torch.randn(g.write_gate_w.shape, generator=gen))
     return model
 
@@ -163,7 +163,7 @@ def test_zsq_streaming_equals_the_full_forward(pieces, write_gate):
             for n in pieces:
                 outs.append(model.forward_text(seq[:, :, t : t + n])[1])
                 t += n
-            assert ttt_gatings(model)[0]._streaming_state.delta.any()
+            assert ttt_layers(model)[0]._streaming_state.delta.any()
     torch.testing.assert_close(torch.cat(outs, 2), full, atol=2e-5, rtol=1e-4)
 
 
@@ -174,7 +174,7 @@ def test_zsq_per_element_chunk_ends_and_graph_steps_equal_the_full_forward(write
     model = _model("zsq", write_gate=write_gate)
     model.eval()
     seq = random_codes(model, 2, 30)
-    gatings = list(ttt_gatings(model).values())
+    gatings = list(ttt_layers(model).values())
     with torch.no_grad():
         full = model.forward_text(seq)[1]
         with model.streaming(2):
@@ -242,12 +242,12 @@ def test_term_ratio_is_the_exact_term_under_bf16_autocast():
     # Under bf16, out - base would carry the output's rounding (~1e-3 relative): a TTT that is
     # effectively off must still read as ~eta-small, which is what a user looks for.
     model = _model("none")
-    for g in ttt_gatings(model).values():
+    for g in ttt_layers(model).values():
         g.config.eta = 1e-9
         g.record_stats = True
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(random_codes(model, 2, 3 * C))
-    for g in ttt_gatings(model).values():
+    for g in ttt_layers(model).values():
         t = g.telemetry()
         assert 0 < t["term_ratio"] < 1e-6 and 0 < t["chunk_update_ratio"] < 1e-6
 
@@ -280,17 +280,17 @@ def test_console_line_lists_each_layer():
 
 
 def test_stats_are_recorded_once_under_gradient_checkpointing(monkeypatch):
-    from moshi_ttt.gating import TTTGating
+    from moshi_ttt.inplace import InPlaceTTT
 
     calls = []
-    original = TTTGating.sequence_stats
+    original = InPlaceTTT.sequence_stats
     monkeypatch.setattr(
-        TTTGating, "sequence_stats", lambda self, z, v: calls.append(1) or original(self, z, v)
+        InPlaceTTT, "sequence_stats", lambda self, z, v: calls.append(1) or original(self, z, v)
     )
     model = _model("zsq")
     model.transformer.checkpointing = True
     model.train()
-    gatings = list(ttt_gatings(model).values())
+    gatings = list(ttt_layers(model).values())
     for g in gatings:
         g.record_stats = True
     out = model(random_codes(model, 2, 3 * C))

@@ -58,14 +58,14 @@ def test_batch_of_two_equals_two_separate_runs(tiny_ckpt, tiny_ds):
 
 
 def test_frozen_updates_equal_the_exported_model_without_ttt(tiny_ckpt, tiny_ds):
-    from moshi_ttt import ttt_gatings
+    from moshi_ttt import ttt_layers
 
     loaded = load_checkpoint_model(tiny_ckpt)
     audio = _inputs(tiny_ds, n=1)
     frozen = stream_conversations(loaded, audio, ttt_updates=False)
     live = stream_conversations(loaded, audio, ttt_updates=True)
     # Same checkpoint, updates off in every TTT layer: the plain (W^(0)) model.
-    for g in ttt_gatings(loaded.lm).values():
+    for g in ttt_layers(loaded.lm).values():
         g.config.eta = 0.0
     eta0 = stream_conversations(loaded, audio, ttt_updates=True)
     assert np.array_equal(frozen.text_tokens, eta0.text_tokens)

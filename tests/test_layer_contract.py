@@ -1,8 +1,10 @@
 """The TTT layer contract (moshi_ttt.layer.TTTLayer), checked for every registered variant and for a
-toy third variant defined here, which needs no change outside its own class and one registry entry."""
+toy third variant defined here, with a setting of its own, which needs no change outside its own
+module (here: this file) and one registry entry: not in moshi_ttt/config.py, not in finetune/."""
 
 import copy
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -20,10 +22,11 @@ from moshi_ttt import (
     named_ttt_layers,
     save_ttt_weights,
     set_ttt_updates,
-    ttt_gatings,
+    ttt_layers,
     ttt_state_dict,
 )
-from moshi_ttt.layer import TTTState
+from moshi_ttt.config import config_class
+from moshi_ttt.layer import FIXED_ON_RESUME, TTTState, VariantSettings, setting_error
 from moshi_ttt.tiny import build_tiny_lm, tiny_lm_kwargs
 
 C = 8
@@ -44,11 +47,28 @@ class _ToyState(TTTState):
         self.bias[reset_mask] = self.init
 
 
+@dataclass
+class ToySettings(VariantSettings):
+    """The toy variant's own setting: a flat ``ttt.toy_scale`` key, declared here, not in config.py."""
+
+    toy_scale: float = field(default=1.0, metadata=FIXED_ON_RESUME)
+
+    def check(self):
+        if (
+            not isinstance(self.toy_scale, (int, float))
+            or isinstance(self.toy_scale, bool)
+            or self.toy_scale <= 0
+        ):
+            raise setting_error(self, "toy_scale", "must be a number > 0")
+
+
 class ToyGating(TTTLayer[_ToyState]):
-    """Moshi's MLP plus a fast output bias: ``b^(i) = b^(i-1) + eta * mean(x[i]) W^T``, ``b^(0) = b0``.
-    ``b0`` and ``W`` start at zero: the base model at init, with gradient reaching ``W``."""
+    """Moshi's MLP plus a fast output bias: ``b^(i) = b^(i-1) + s * eta * mean(x[i]) W^T``,
+    ``b^(0) = b0``, ``s`` its own setting ``toy_scale``. ``b0`` and ``W`` start at zero: the base
+    model at init, with gradient reaching ``W``."""
 
     VARIANT = "toy"
+    SETTINGS = ToySettings
     PARAM_GROUPS = (ParamGroup("toy_bias", "toy fast bias (b0, W)", ("b0", "w")),)
     SLOW_PARAMS = ("linear_in.", "linear_out.")
 
@@ -92,7 +112,8 @@ class ToyGating(TTTLayer[_ToyState]):
             n = -(-T // C)
             means = torch.nn.functional.pad(x, (0, 0, 0, n * C - T)).view(B, n, C, d).mean(2) @ self.w.T
             before = torch.cumsum(means, 1) - means  # [B, n, d]
-            bias = bias + self.config.eta * before.repeat_interleave(C, 1)[:, :T]
+            rate = self.config.toy_scale * self.config.eta
+            bias = bias + rate * before.repeat_interleave(C, 1)[:, :T]
         return self.base(x) + bias
 
     def _init_streaming_state(self, batch_size):
@@ -110,7 +131,8 @@ class ToyGating(TTTLayer[_ToyState]):
         return state.bias[:, None, :].expand(-1, x.shape[1], -1).clone()  # not a view: the state moves on
 
     def _apply_update(self, state, done):
-        state.bias[done] += self.config.eta * state.buf_x[done].mean(1) @ self.w.T.float()
+        rate = self.config.toy_scale * self.config.eta
+        state.bias[done] += rate * state.buf_x[done].mean(1) @ self.w.T.float()
 
     def _forward_stream(self, x, src, state):
         return self.base(x) + torch.cat(self._stream_chunks(state, (x,), (x,)), 1).to(x.dtype)
@@ -127,10 +149,12 @@ ALL = [*SHIPPED, "inplace+write_gate", "inplace+write_gate+write_gate_input=key"
 
 
 def config(variant, **kw):
-    """TTTConfig of a variant name, or of "name+flag" / "name+key=value" (the variant with those options)."""
+    """TTTConfig of a variant name, or of "name+flag" / "name+key=value" (the variant with those
+    options), with the settings of every registered variant (the toy's too: ``config_class``)."""
     name, *flags = variant.split("+")
     opts = dict(f.split("=", 1) if "=" in f else (f, True) for f in flags)
-    return TTTConfig(variant=name, **opts, **{"mlp_heads": 4, **kw})
+    defaults = {"mlp_heads": 4, **({"toy_scale": 1.5} if name == "toy" else {})}
+    return config_class()(variant=name, **opts, **{**defaults, **kw})
 
 
 def make(variant, seed=0, context=16, eta=0.5, **kw):
@@ -158,11 +182,40 @@ def test_the_registry_lists_the_shipped_variants_and_config_validates_against_it
         TTTConfig(variant="linear")
 
 
+def test_a_variants_own_settings_are_declared_with_it_and_join_the_config():
+    cls = config_class()
+    assert cls is not TTTConfig and issubclass(cls, TTTConfig)  # the toy was registered after import
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    assert fields["toy_scale"].metadata.get("fixed_on_resume") and "toy_scale" not in {
+        f.name for f in dataclasses.fields(TTTConfig)
+    }
+    cfg = cls(variant="toy", toy_scale=2.0, chunk_size=C)
+    assert TTTConfig.from_json(cfg.to_json()) == cfg  # what load_ttt_config reads back
+    with pytest.raises(ValueError, match=r"TTTConfig.toy_scale: must be a number > 0 \(got -1\)"):
+        cls(variant="toy", toy_scale=-1)
+    # The shipped variants' settings come from their own modules the same way (config.py names none).
+    for variant_cls in (VARIANTS["inplace"], VARIANTS["mlp"]):
+        own = {f.name for f in dataclasses.fields(variant_cls.SETTINGS)}
+        assert own and own <= {f.name for f in dataclasses.fields(TTTConfig)}
+    # The setting reaches the layer: the TTT term scales with it.
+    base = build_tiny_lm(seed=0, context=16)
+    outs = []
+    for scale in (1.0, 3.0):
+        model = apply_ttt(
+            copy.deepcopy(base), config("toy", toy_scale=scale, chunk_size=C, eta=0.5, layers=[0, 2])
+        )
+        perturb(model)
+        model.eval()
+        with torch.no_grad():
+            outs.append(model.forward_text(random_codes(base, 1, 29, torch.Generator().manual_seed(0)))[1])
+    assert not torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("variant", ALL)
 def test_identity_at_init_in_training_and_streaming(variant):
     base, model = make(variant)
     codes = random_codes(base, 2, 29)
-    assert all(type(g) is VARIANTS[variant.split("+")[0]] for g in ttt_gatings(model).values())
+    assert all(type(g) is VARIANTS[variant.split("+")[0]] for g in ttt_layers(model).values())
     base.train(), model.train()
     a, b = base(codes), model(codes)
     assert torch.equal(a.logits[a.mask], b.logits[b.mask])
@@ -196,11 +249,11 @@ def _graph_steps(model, seq):
     """One step at a time through the graph-mode path, as TTTLMGen drives it."""
     outs = []
     for t in range(seq.shape[-1]):
-        for g in ttt_gatings(model).values():
+        for g in ttt_layers(model).values():
             g.prepare_graph_step()
             g.graph_mode = True
         outs.append(model.forward_text(seq[:, :, t : t + 1])[1])
-        for g in ttt_gatings(model).values():
+        for g in ttt_layers(model).values():
             g.graph_mode = False
             g._streaming_state.graph_steps = True
     return torch.cat(outs, 2)
@@ -213,18 +266,18 @@ def test_one_switch_turns_updates_off_in_every_forward_path(variant):
     model.eval()
     seq = random_codes(model, 2, 37)
     zero_update = copy.deepcopy(model)
-    ttt_gatings(zero_update)[0].config.eta = 0.0  # shared by the copy's layers: no update anywhere
+    ttt_layers(zero_update)[0].config.eta = 0.0  # shared by the copy's layers: no update anywhere
     with torch.no_grad():
         on = model.forward_text(seq)[1]
         want = zero_update.forward_text(seq)[1]
         assert not torch.allclose(on, want, atol=1e-3)  # the updates matter here
         set_ttt_updates(model, False)
-        assert all(g.freeze_updates for g in ttt_gatings(model).values())  # the older name reads it
+        assert all(g.freeze_updates for g in ttt_layers(model).values())  # the older name reads it
         off = model.forward_text(seq)[1]
         with model.streaming(2):
             streamed = stream_text_logits(model, seq, [1] * 37)
         graphed = None
-        if all(g.GRAPH_STEPS for g in ttt_gatings(model).values()):
+        if all(g.GRAPH_STEPS for g in ttt_layers(model).values()):
             with model.streaming(2):
                 graphed = _graph_steps(model, seq)
         set_ttt_updates(model, True)
@@ -285,7 +338,7 @@ def test_a_checkpoint_with_some_new_parameters_only_is_refused(variant):
         LMModel(device="meta", **tiny_lm_kwargs(context=16)),
         config(variant, chunk_size=C, layers=[0]),
     )
-    layer = ttt_gatings(model)[0]
+    layer = ttt_layers(model)[0]
     names = layer.new_param_names()
     assert len(names) > 1
     setattr(layer, names[0], torch.nn.Parameter(torch.zeros(getattr(layer, names[0]).shape)))
@@ -310,10 +363,10 @@ def test_telemetry_reports_the_recorded_update(variant):
     _, model = make(variant)
     perturb(model)
     model.train()
-    for g in ttt_gatings(model).values():
+    for g in ttt_layers(model).values():
         g.record_stats = True
     model(random_codes(model, 2, 29))
-    for g in ttt_gatings(model).values():
+    for g in ttt_layers(model).values():
         t = g.telemetry()
         assert all(isinstance(v, float) for v in t.values()) and len(t) >= 1
         if variant != "toy":  # the toy variant records no update norm

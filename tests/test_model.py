@@ -8,7 +8,7 @@ from conftest import random_codes, randomize_ttt
 from moshi.models import LMGen, LMModel
 from moshi.modules.lora import LoRALinear, replace_all_linear_with_lora
 
-from moshi_ttt import TARGET_SOURCES, TTTConfig, TTTGating, apply_ttt, ttt_gatings
+from moshi_ttt import TARGET_SOURCES, InPlaceTTT, TTTConfig, apply_ttt, ttt_layers
 from moshi_ttt.tiny import build_tiny_lm, tiny_lm_kwargs
 
 C = 8
@@ -67,7 +67,7 @@ def test_target_path_and_eta_both_matter():
     randomize_ttt(model)
     codes = random_codes(base, 2, 45)
     with_ttt = _outputs(model, codes)[1]
-    for g in ttt_gatings(model).values():
+    for g in ttt_layers(model).values():
         g.config.eta = 0.0  # updates off: only the (trained) w_down differs from the base
     no_update = _outputs(model, codes)[1]
     assert not torch.allclose(with_ttt, no_update)
@@ -75,16 +75,16 @@ def test_target_path_and_eta_both_matter():
 
 def test_only_selected_main_layers_change_and_depformer_is_untouched():
     _, model = make(layers=(1, 3))
-    assert sorted(ttt_gatings(model)) == [1, 3]
+    assert sorted(ttt_layers(model)) == [1, 3]
     for i, layer in enumerate(model.transformer.layers):
-        assert isinstance(layer.gating, TTTGating) == (i in (1, 3))
-    assert not any(isinstance(m, TTTGating) for m in model.depformer.modules())
+        assert isinstance(layer.gating, InPlaceTTT) == (i in (1, 3))
+    assert not any(isinstance(m, InPlaceTTT) for m in model.depformer.modules())
 
 
 def test_layer_frequency_selection():
     base = build_tiny_lm(num_layers=7)
     model = apply_ttt(base, TTTConfig(start_layer=1, layer_frequency=3))
-    assert sorted(ttt_gatings(model)) == [1, 4]
+    assert sorted(ttt_layers(model)) == [1, 4]
 
 
 def _stream(model, seq, pieces):
@@ -129,7 +129,7 @@ def test_streaming_updates_once_per_completed_chunk():
     _, model = make()
     randomize_ttt(model)
     model.eval()
-    gating = ttt_gatings(model)[0]
+    gating = ttt_layers(model)[0]
     seq = random_codes(model, 2, 20)
     with torch.no_grad(), model.streaming(2):
         w_start = gating._streaming_state.delta.clone()
@@ -150,7 +150,7 @@ def test_reset_one_element_leaves_the_other_and_equals_fresh_stream():
     _, model = make()
     randomize_ttt(model)
     model.eval()
-    gatings = list(ttt_gatings(model).values())
+    gatings = list(ttt_layers(model).values())
     a, b = random_codes(model, 2, 19), random_codes(model, 2, 23)
     with torch.no_grad():
         with model.streaming(2):
@@ -174,7 +174,7 @@ def test_exec_mask_freezes_masked_elements():
     randomize_ttt(model)
     model.eval()
     seq = random_codes(model, 2, 30)
-    gating = ttt_gatings(model)[0]
+    gating = ttt_layers(model)[0]
     with torch.no_grad(), model.streaming(2):
         _stream(model, seq[:, :, :5], [1] * 5)
         state = gating._streaming_state
@@ -209,7 +209,7 @@ def test_training_forward_never_mutates_parameters_and_grads_reach_ttt():
     loss.backward()
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    for g in ttt_gatings(model).values():
+    for g in ttt_layers(model).values():
         for name in ("w_down", "target_conv", "target_proj"):
             grad = getattr(g, name).grad
             assert grad is not None and grad.abs().sum() > 0, name
@@ -221,18 +221,18 @@ def test_target_path_gets_gradient_from_its_zero_init():
     model.train()
     out = model(random_codes(model, 2, 40))
     out.text_logits[out.text_mask].logsumexp(-1).mean().backward()
-    for g in ttt_gatings(model).values():
+    for g in ttt_layers(model).values():
         assert g.target_conv.abs().sum() == 0
         assert g.target_conv.grad.abs().sum() > 0
 
 
 def test_frozen_slow_weights_get_no_grad():
     _, model = make()
-    for g in ttt_gatings(model).values():
+    for g in ttt_layers(model).values():
         g.linear_in.weight.requires_grad_(False)
     out = model(random_codes(model, 1, 30))
     out.text_logits[out.text_mask].mean().backward()
-    for g in ttt_gatings(model).values():
+    for g in ttt_layers(model).values():
         assert g.linear_in.weight.grad is None and g.w_down.grad is not None
 
 
@@ -261,7 +261,7 @@ def test_vanilla_state_dict_loads_with_only_ttt_keys_missing():
     assert sorted(res.missing_keys) == sorted(
         f"transformer.layers.{i}.gating.{n}" for i in (0, 2) for n in ("target_conv", "target_proj")
     )
-    for i, g in ttt_gatings(model).items():
+    for i, g in ttt_layers(model).items():
         w = base.transformer.layers[i].gating.linear_out.weight
         assert torch.equal(g.w_down, w)
         assert g.w_down_pretrained.dtype == torch.float32 and torch.equal(g.w_down_pretrained, w.float())
@@ -278,7 +278,7 @@ def test_apply_ttt_after_lora_reads_the_merged_weight():
             torch.nn.init.normal_(m.lora_B.weight, std=0.1)  # moshi does not zero-init lora_B
     ref = copy.deepcopy(base)
     model = apply_ttt(base, TTTConfig(chunk_size=C, layers=[0, 2]))
-    for i, g in ttt_gatings(model).items():
+    for i, g in ttt_layers(model).items():
         torch.testing.assert_close(g.w_down, ref.transformer.layers[i].gating.linear_out.merge_weight())
         assert isinstance(g.linear_in, LoRALinear)
     codes = random_codes(model, 2, 30)
@@ -289,7 +289,7 @@ def test_apply_ttt_after_lora_reads_the_merged_weight():
 def test_lora_after_apply_ttt_wraps_only_linear_in():
     _, model = make()
     replace_all_linear_with_lora(model, rank=4, scaling=2.0)
-    for g in ttt_gatings(model).values():
+    for g in ttt_layers(model).values():
         assert isinstance(g.linear_in, LoRALinear)
         assert isinstance(g.w_down, torch.nn.Parameter) and isinstance(g.target_proj, torch.nn.Parameter)
     out = model(random_codes(model, 1, 20))
@@ -308,7 +308,7 @@ def test_lmgen_streams_a_ttt_model():
             o = gen.step(torch.zeros(2, n_user, 1, dtype=torch.long))
             if o is not None:
                 outs.append(o)
-        delta = ttt_gatings(model)[0]._streaming_state.delta
+        delta = ttt_layers(model)[0]._streaming_state.delta
     assert len(outs) == 19 and outs[0].shape == (2, 1 + model.dep_q, 1)
     assert delta[0].any()  # the fast weight moved away from W^(0)
 
@@ -317,7 +317,7 @@ def _graph_steps(model, seq, modes):
     """Stream ``seq`` one step at a time; mode 'g' runs the capturable graph-mode path (as
     TTTLMGen does: prepare_graph_step before the step), 'e' the eager path."""
     outs = []
-    gatings = list(ttt_gatings(model).values())
+    gatings = list(ttt_layers(model).values())
     for t, mode in enumerate(modes):
         for g in gatings:
             if mode == "g":
@@ -340,7 +340,7 @@ def test_graph_mode_steps_equal_the_full_forward(modes):
         full = model.forward_text(seq)[1]
         with model.streaming(2):
             streamed = _graph_steps(model, seq, modes)
-            assert ttt_gatings(model)[0]._streaming_state.delta.any()
+            assert ttt_layers(model)[0]._streaming_state.delta.any()
     torch.testing.assert_close(streamed, full, atol=2e-5, rtol=1e-4)
 
 
@@ -349,13 +349,13 @@ def test_graph_mode_respects_exec_mask_and_resets():
     randomize_ttt(model)
     model.eval()
     a = random_codes(model, 2, 30)
-    g0 = ttt_gatings(model)[0]
+    g0 = ttt_layers(model)[0]
     with torch.no_grad():
         with model.streaming(2):
             _graph_steps(model, a[:, :, :5], "g" * 5)
             model.set_exec_mask(torch.tensor([True, False]))
             _graph_steps(model, a[:, :, 5:25], "g" * 20)
-            for g in ttt_gatings(model).values():
+            for g in ttt_layers(model).values():
                 g.prepare_graph_step()
             state = g0._streaming_state
             assert state.pos.tolist() == [25 % C, 5] and state.pos_dev.tolist() == [25 % C, 5]
@@ -392,7 +392,7 @@ def test_ttt_lmgen_equals_lmgen():
                 o = gen.step(user[t])
                 if o is not None:
                     outs.append(o)
-            gating = ttt_gatings(model)[0]
+            gating = ttt_layers(model)[0]
             gating.prepare_graph_step()  # TTTLMGen applies a completed chunk's update before the next step
             delta = gating._streaming_state.delta.clone()
         runs.append((torch.cat(outs, -1), delta))
@@ -407,9 +407,9 @@ def test_missing_target_source_is_a_clear_error():
     with pytest.raises(ValueError, match="target source 'text_emb' was not captured"):
         model.transformer(x)
     with pytest.raises(ValueError, match="target source 'text_emb' is missing"):
-        ttt_gatings(model)[0](x)
+        ttt_layers(model)[0](x)
     with pytest.raises(ValueError, match=r"expected \(1, 5, 64\)"):
-        ttt_gatings(model)[0](x, torch.randn(1, 4, 64))
+        ttt_layers(model)[0](x, torch.randn(1, 4, 64))
 
 
 def test_rejects_model_without_gated_mlp_and_bad_layers():
@@ -464,7 +464,7 @@ def test_target_conv_never_reads_the_next_chunk(depthwise):
     cfg = TTTConfig(
         chunk_size=C, layers=[0], target_source="hidden", conv_kernel_size=3, conv_depthwise=depthwise
     )
-    gating = ttt_gatings(apply_ttt(base, cfg))[0]
+    gating = ttt_layers(apply_ttt(base, cfg))[0]
     with torch.no_grad():
         gating.target_conv.normal_()
     x = torch.randn(2, 4 * C + 3, 64)
@@ -489,7 +489,7 @@ def test_user_audio_source_is_the_other_speakers_embeddings_only():
     (``emb[dep_q:]``), computed here independently from the embedding tables."""
     _, model = make("user_audio_emb", n_q=4, dep_q=2)
     seen = []
-    gating = ttt_gatings(model)[0]
+    gating = ttt_layers(model)[0]
     handle = gating.register_forward_pre_hook(lambda _m, args: seen.append(args[1]))
     codes = random_codes(model, 2, 12)
     with torch.no_grad():

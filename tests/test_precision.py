@@ -134,19 +134,19 @@ def test_rejects_unknown_precision():
 
 def _gating_errors(model64, model, codes, precision):
     """Relative errors of the text logits and of every TTT gradient vs the float64 model."""
-    from moshi_ttt import gating as gating_mod
+    from moshi_ttt import inplace as inplace_mod
 
     out64 = model64.forward_text(codes)[1]
     names = [n for n, _ in model.named_parameters() if "target_" in n or "w_down" in n]
     go = torch.randn(out64.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    orig = gating_mod.ttt_chunked
-    gating_mod.ttt_chunked = lambda z, v, w0, eta, C, **_: ttt_reference(z, v, w0, eta, C)
+    orig = inplace_mod.ttt_chunked
+    inplace_mod.ttt_chunked = lambda z, v, w0, eta, C, **_: ttt_reference(z, v, w0, eta, C)
     try:  # the float64 model runs the sequential specification
         ref = torch.autograd.grad(
             (model64.forward_text(codes)[1] * go).sum(), [model64.get_parameter(n) for n in names]
         )
     finally:
-        gating_mod.ttt_chunked = orig
+        inplace_mod.ttt_chunked = orig
     for g in model.transformer.layers:
         if hasattr(g.gating, "config"):
             g.gating.config.update_precision = precision
@@ -197,7 +197,7 @@ def test_precision_script_prints_its_tables_and_passes(capsys):
 
     check_precision.main(["--d", "32", "--h", "88", "--T", "96", "--C", "16"])
     out = capsys.readouterr().out
-    assert "1. TTT term" in out and "2. one TTTGating" in out and "3. streaming" in out
+    assert "1. TTT term" in out and "2. one InPlaceTTT" in out and "3. streaming" in out
     assert "all errors within their bounds" in out and not check_precision.FAILED
 
 

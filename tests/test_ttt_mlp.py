@@ -9,13 +9,13 @@ from conftest import random_codes, stream_text_logits
 from torch.nn import functional as F
 
 from moshi_ttt import (
+    TTTMLP,
     TTTConfig,
-    TTTMLPGating,
     apply_ttt,
     load_ttt_config,
     load_ttt_weights,
     save_ttt_weights,
-    ttt_gatings,
+    ttt_layers,
     ttt_state_dict,
 )
 from moshi_ttt.ops.mlp import (
@@ -145,7 +145,7 @@ def _layer(eta=0.5, C=4, qk_norm=False, seed=0):
     torch.manual_seed(seed)
     model = build_tiny_lm(seed=seed, context=16)
     cfg = TTTConfig(variant="mlp", chunk_size=C, eta=eta, layers=[0], mlp_heads=4, mlp_qk_norm=qk_norm)
-    layer = ttt_gatings(apply_ttt(model, cfg))[0]
+    layer = ttt_layers(apply_ttt(model, cfg))[0]
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # off the initial values (open gate, non-trivial rates and norms)
         for name in layer.ttt_param_names():
@@ -297,7 +297,7 @@ def make(layers=(0, 2), seed=0, context=16, **kw):
 
 def _open_gate(model, value=0.8):
     with torch.no_grad():
-        for g in ttt_gatings(model).values():
+        for g in ttt_layers(model).values():
             g.alpha.fill_(value)
             g.lr_proj.normal_(std=0.1)
 
@@ -309,7 +309,7 @@ def test_equals_base_at_init_and_differs_once_the_gate_opens():
     a, b = base(codes), model(codes)
     assert torch.equal(a.text_logits[a.text_mask], b.text_logits[b.text_mask])
     assert torch.equal(a.logits[a.mask], b.logits[b.mask])
-    assert all(isinstance(g, TTTMLPGating) for g in ttt_gatings(model).values())
+    assert all(isinstance(g, TTTMLP) for g in ttt_layers(model).values())
     _open_gate(model)
     c = model(codes)
     assert not torch.allclose(a.text_logits[a.text_mask], c.text_logits[c.text_mask])
@@ -322,13 +322,13 @@ def test_gate_gets_gradient_at_init_and_forward_never_mutates_parameters():
     out = model(random_codes(model, 2, 40))
     out.text_logits[out.text_mask].logsumexp(-1).mean().backward()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    for g in ttt_gatings(model).values():
+    for g in ttt_layers(model).values():
         assert g.alpha.grad is not None and g.alpha.grad.abs().sum() > 0
     _open_gate(model)
     model.zero_grad()
     out = model(random_codes(model, 2, 40))
     out.text_logits[out.text_mask].logsumexp(-1).mean().backward()
-    for g in ttt_gatings(model).values():
+    for g in ttt_layers(model).values():
         for n in g.ttt_param_names():
             assert getattr(g, n).grad.abs().sum() > 0, n
 
@@ -341,7 +341,7 @@ def test_reset_one_element_and_reset_equals_fresh():
     _open_gate(model)
     model.eval()
     a, b = random_codes(model, 2, 19), random_codes(model, 2, 23)
-    g0 = ttt_gatings(model)[0]
+    g0 = ttt_layers(model)[0]
     with torch.no_grad():
         with model.streaming(2):
             stream_text_logits(model, a, [1] * 19)
@@ -367,12 +367,12 @@ def test_vanilla_checkpoint_loads_and_ttt_file_round_trips(tmp_path):
     res = fresh.load_state_dict(base.state_dict(), strict=False)
     assert res.unexpected_keys == []
     assert sorted(res.missing_keys) == sorted(
-        f"transformer.layers.{i}.gating.{n}" for i in (0, 2) for n in TTTMLPGating.ttt_param_names()
+        f"transformer.layers.{i}.gating.{n}" for i in (0, 2) for n in TTTMLP.ttt_param_names()
     )
     _open_gate(model)
     path = save_ttt_weights(model, tmp_path / "ttt.safetensors")
     assert set(ttt_state_dict(model)) == {
-        f"transformer.layers.{i}.gating.{n}" for i in (0, 2) for n in TTTMLPGating.ttt_param_names()
+        f"transformer.layers.{i}.gating.{n}" for i in (0, 2) for n in TTTMLP.ttt_param_names()
     }
     rebuilt = apply_ttt(copy.deepcopy(base), load_ttt_config(path))
     load_ttt_weights(rebuilt, path)

@@ -16,8 +16,8 @@ from conftest import random_codes, stream_text_logits
 from moshi.modules.gating import ActivationGating
 from torch.nn import functional as F
 
-from moshi_ttt import TTTConfig, apply_ttt, ttt_gatings
-from moshi_ttt.gating import TTTGating
+from moshi_ttt import TTTConfig, apply_ttt, ttt_layers
+from moshi_ttt.inplace import InPlaceTTT
 from moshi_ttt.ops import ttt_reference
 from moshi_ttt.tiny import build_tiny_lm
 
@@ -28,7 +28,7 @@ def _gating(dtype=torch.float64, seed=0, **kw):
     torch.manual_seed(seed)
     mlp = ActivationGating(D, 2 * H, activation=F.silu).to(dtype)  # moshi's gated MLP: linear_in [2h, d]
     cfg = TTTConfig(chunk_size=C, eta=0.3, conv_kernel_size=K, write_gate=True, **kw)
-    g = TTTGating.from_gating(mlp, cfg)
+    g = InPlaceTTT.from_gating(mlp, cfg)
     with torch.no_grad():
         g.target_conv.normal_(std=0.5)
         g.target_proj.add_(torch.randn_like(g.target_proj) * 0.2)
@@ -37,7 +37,7 @@ def _gating(dtype=torch.float64, seed=0, **kw):
     return g
 
 
-def _reference(g: TTTGating, x: torch.Tensor, src: torch.Tensor):
+def _reference(g: InPlaceTTT, x: torch.Tensor, src: torch.Tensor):
     """Loop reference: Z, then per chunk and step the conv over the chunk, W_target, the gate (of the
     source step, or of the key ``z_t`` with ``write_gate_input: key``); then the sequential fast-weight
     recurrence (``ttt_reference``)."""
@@ -128,7 +128,7 @@ def _model(**kw):
     model = apply_ttt(base, TTTConfig(chunk_size=C, eta=0.5, layers=[0, 2], write_gate=True, **kw))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for layer in ttt_gatings(model).values():
+        for layer in ttt_layers(model).values():
             layer.target_conv.copy_(torch.randn(layer.target_conv.shape, generator=g) * 0.3)
             layer.write_gate_w.copy_(torch.randn(layer.write_gate_w.shape, generator=g))
     return model.eval()
@@ -155,7 +155,7 @@ def test_training_forward_writes_no_parameter():
     out = model(random_codes(model, 2, 3 * C + 2))
     out.text_logits[out.text_mask].float().square().mean().backward()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    gates = [layer.write_gate_w.grad for layer in ttt_gatings(model).values()]
+    gates = [layer.write_gate_w.grad for layer in ttt_layers(model).values()]
     assert all(gr is not None and gr.abs().sum() > 0 for gr in gates)
 
 
@@ -168,7 +168,7 @@ def test_bf16_model_keeps_float32_fast_weights_and_matches_float32():
         out = model16.forward_text(codes)[1].float()
         with model16.streaming(2):
             stream_text_logits(model16, codes, [1] * codes.shape[-1])
-            deltas = [layer._streaming_state.delta for layer in ttt_gatings(model16).values()]
+            deltas = [layer._streaming_state.delta for layer in ttt_layers(model16).values()]
             assert all(dl.dtype == torch.float32 and dl.abs().sum() > 0 for dl in deltas)
     rel = (out - ref).norm() / ref.norm()
     assert math.isfinite(float(rel)) and rel < 5e-2, rel

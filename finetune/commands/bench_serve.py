@@ -45,7 +45,7 @@ def random_model(name: str, device: torch.device, dtype: torch.dtype):
     from moshi.models import LMModel, loaders
 
     from finetune.data.audio import tiny_mimi_config
-    from moshi_ttt import TTTConfig, apply_ttt, ttt_gatings
+    from moshi_ttt import TTTConfig, apply_ttt, ttt_layers
     from moshi_ttt.tiny import tiny_lm_kwargs
 
     spec = RANDOM[name]
@@ -54,7 +54,7 @@ def random_model(name: str, device: torch.device, dtype: torch.dtype):
     lm = LMModel(device=device, dtype=dtype, **kwargs).eval()
     apply_ttt(lm, TTTConfig(eta=0.01, **spec["ttt"]))
     with torch.no_grad():
-        for g in ttt_gatings(lm).values():  # a non-zero target path: updates are real work
+        for g in ttt_layers(lm).values():  # a non-zero target path: updates are real work
             g.target_conv.normal_(std=0.1)
     codebooks = max(lm.dep_q, lm.n_q - lm.dep_q)
     mimi_cfg = tiny_mimi_config() if name == "tiny" else None

@@ -35,7 +35,7 @@ import torch
 from moshi.models import LMGen, LMModel, loaders
 from moshi.utils.compile import no_cuda_graph
 
-from moshi_ttt import TTTConfig, TTTLMGen, apply_ttt, ttt_gatings
+from moshi_ttt import TTTConfig, TTTLMGen, apply_ttt, ttt_layers
 from moshi_ttt.tiny import tiny_lm_kwargs
 
 MODELS = {
@@ -68,7 +68,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def stream(model, steps: int, warmup: int, seed: int = 0, cuda_graph: bool = False) -> np.ndarray:
     device = next(model.parameters()).device
-    gen = TTTLMGen(model, use_sampling=False) if ttt_gatings(model) else LMGen(model, use_sampling=False)
+    gen = TTTLMGen(model, use_sampling=False) if ttt_layers(model) else LMGen(model, use_sampling=False)
     n_user = model.n_q - model.dep_q
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, model.card, (steps + warmup, 1, n_user, 1), generator=g).to(device)
@@ -116,7 +116,7 @@ def main() -> None:
         plain = stream(model, steps, args.warmup)
         apply_ttt(model, TTTConfig(**spec["ttt"]))
         with torch.no_grad():
-            for g in ttt_gatings(model).values():
+            for g in ttt_layers(model).values():
                 g.target_conv.normal_(std=0.1)
         ttt_graphed = stream(model, steps, args.warmup, cuda_graph=True) if cuda else None
         ttt = stream(model, steps, args.warmup)

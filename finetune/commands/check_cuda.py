@@ -28,7 +28,7 @@ import sys
 
 import torch
 
-from moshi_ttt import TTTConfig, apply_ttt, ttt_gatings
+from moshi_ttt import TTTConfig, apply_ttt, ttt_layers
 from moshi_ttt.ops import ttt_chunked, ttt_reference
 from moshi_ttt.tiny import build_tiny_lm
 
@@ -130,7 +130,7 @@ def check_model(device: torch.device) -> None:
             at_init = rel(model.forward_text(seq)[1], base.forward_text(seq)[1])
             check(f"{name} equals the base model at init (text logits)", at_init, 0.0)
             gen = torch.Generator().manual_seed(2)
-            for gating in ttt_gatings(model).values():
+            for gating in ttt_layers(model).values():
                 if variant == "mlp":  # open the residual gate, make the fast MLP's biases nonzero
                     gating.alpha.fill_(0.5)
                     gating.b1.copy_(torch.randn(gating.b1.shape, generator=gen).to(device) * 0.3)
@@ -167,7 +167,7 @@ def check_graphs(device: torch.device) -> None:
         ).eval()
         gen = torch.Generator().manual_seed(2)
         with torch.no_grad():
-            for gating in ttt_gatings(model).values():
+            for gating in ttt_layers(model).values():
                 gating.target_conv.copy_(
                     torch.randn(gating.target_conv.shape, generator=gen).to(device) * 0.3
                 )
@@ -186,7 +186,7 @@ def check_graphs(device: torch.device) -> None:
                     o = lm_gen.step(user[t])
                     if o is not None:
                         outs.append(o)
-                gating = ttt_gatings(model)[0]
+                gating = ttt_layers(model)[0]
                 gating.prepare_graph_step()
                 runs.append((torch.cat(outs, -1).cpu(), gating._streaming_state.delta.clone()))
         same = torch.equal(runs[0][0], runs[1][0])
@@ -212,7 +212,7 @@ def check_autocast_step(device: torch.device) -> None:
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     check("parameters changed by the forward (count)", float(len(changed)), 0.0)
     loss.backward()
-    for i, gating in ttt_gatings(model).items():
+    for i, gating in ttt_layers(model).items():
         # At init the conv is zero, so W_target's gradient is zero too; the conv's is not.
         for pname, nonzero in (("w_down", True), ("target_conv", True), ("target_proj", False)):
             grad = getattr(gating, pname).grad

@@ -8,7 +8,7 @@ reports low-precision kernels) and exits non-zero when a bf16 error exceeds its 
    the same bf16 values (the error the update math adds), per ``update_precision`` and form: output,
    final state ``w_final``, ``dZ``, ``dV``. A last row gives how far those bf16 inputs already are from
    the float64 gating's ``z`` and ``v`` (what any bf16 run starts from).
-2. **One TTTGating** with float32 weights under bf16 autocast (how training runs on GPU) against the
+2. **One InPlaceTTT** with float32 weights under bf16 autocast (how training runs on GPU) against the
    same gating in float64 with ``ttt_reference`` as its update math: the whole output and the
    gradients of the input, ``w_down``, the target path and ``linear_in``, per ``update_precision``,
    with ``eta`` set so that ``||TTT term|| / ||base term||`` (float64) takes each ``--ratio``.
@@ -40,8 +40,8 @@ import torch
 from moshi.modules.gating import ActivationGating
 from torch.nn import functional as F
 
-from moshi_ttt import TTTConfig, TTTGating
-from moshi_ttt import gating as gating_mod
+from moshi_ttt import InPlaceTTT, TTTConfig
+from moshi_ttt import inplace as inplace_mod
 from moshi_ttt.ops import ttt_chunked, ttt_reference
 
 U = 2.0**-8  # bf16 unit roundoff
@@ -60,14 +60,14 @@ def bound(name: str, err: float, tol: float) -> str:
     return f"{err:9.2e} "
 
 
-def make_gating(d: int, h: int, C: int, device: torch.device, seed: int = 0) -> TTTGating:
+def make_gating(d: int, h: int, C: int, device: torch.device, seed: int = 0) -> InPlaceTTT:
     """A TTT gating at the given shape with random weights of Moshi's scale and a nonzero target path."""
     torch.manual_seed(seed)
     plain = ActivationGating(d, int(1.5 * h), F.silu, device=device)
     with torch.no_grad():
         plain.linear_in.weight.normal_(std=d**-0.5)
         plain.linear_out.weight.normal_(std=h**-0.5)
-    g = TTTGating.from_gating(plain, TTTConfig(chunk_size=C, eta=1.0, target_source="hidden"))
+    g = InPlaceTTT.from_gating(plain, TTTConfig(chunk_size=C, eta=1.0, target_source="hidden"))
     with torch.no_grad():
         g.target_conv.normal_(std=0.3)
         g.target_proj.add_(torch.randn_like(g.target_proj) * d**-0.5)
@@ -78,22 +78,22 @@ def _reference_op(z, v, w0, eta, chunk_size, **_):
     return ttt_reference(z, v, w0, eta, chunk_size)
 
 
-def forward64(g64: TTTGating, x: torch.Tensor, update: bool = True) -> torch.Tensor:
+def forward64(g64: InPlaceTTT, x: torch.Tensor, update: bool = True) -> torch.Tensor:
     """The float64 gating with the sequential specification as its update math."""
-    orig, gating_mod.ttt_chunked = gating_mod.ttt_chunked, _reference_op
+    orig, inplace_mod.ttt_chunked = inplace_mod.ttt_chunked, _reference_op
     try:
         g64.updates_enabled = update
         return g64(x)
     finally:
         g64.updates_enabled = True
-        gating_mod.ttt_chunked = orig
+        inplace_mod.ttt_chunked = orig
 
 
 def _grads(out: torch.Tensor, gout: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return list(torch.autograd.grad((out.to(gout.dtype) * gout).sum(), tensors))
 
 
-def table_term(g: TTTGating, g64: TTTGating, x: torch.Tensor, eta: float) -> None:
+def table_term(g: InPlaceTTT, g64: InPlaceTTT, x: torch.Tensor, eta: float) -> None:
     C = g.config.chunk_size
     with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16):
         z, v = g.activations(x), g.target(x)  # bf16, as the gating computes them in training
@@ -129,12 +129,14 @@ def table_term(g: TTTGating, g64: TTTGating, x: torch.Tensor, eta: float) -> Non
 GRAD_NAMES = ("dx", "w_down", "target_conv", "target_proj", "linear_in")
 
 
-def _gating_grads(g: TTTGating, x: torch.Tensor, out: torch.Tensor, gout: torch.Tensor) -> list[torch.Tensor]:
+def _gating_grads(
+    g: InPlaceTTT, x: torch.Tensor, out: torch.Tensor, gout: torch.Tensor
+) -> list[torch.Tensor]:
     params = [g.w_down, g.target_conv, g.target_proj, g.linear_in.weight]
     return _grads(out, gout, [x, *params])
 
 
-def etas_for(g64: TTTGating, x: torch.Tensor, ratios: list[float]) -> list[float]:
+def etas_for(g64: InPlaceTTT, x: torch.Tensor, ratios: list[float]) -> list[float]:
     """The eta that gives each ``||TTT term|| / ||base term||`` (float64; the term is linear in eta)."""
     with torch.no_grad():
         g64.config.eta = 1.0
@@ -144,13 +146,13 @@ def etas_for(g64: TTTGating, x: torch.Tensor, ratios: list[float]) -> list[float
 
 
 def table_gating(
-    g: TTTGating, g64: TTTGating, x: torch.Tensor, ratios: list[float], etas: list[float]
+    g: InPlaceTTT, g64: InPlaceTTT, x: torch.Tensor, ratios: list[float], etas: list[float]
 ) -> None:
     x64 = x.double()
     gen = torch.Generator(device=x.device).manual_seed(2)
     gout = torch.randn(*x.shape, generator=gen, device=x.device, dtype=torch.float64)
     print(
-        "\n2. one TTTGating, float32 weights under bf16 autocast, vs the float64 gating (ttt_reference); "
+        "\n2. one InPlaceTTT, float32 weights under bf16 autocast, vs the float64 gating (ttt_reference); "
         "bound on bf16 rows: 1.25 x fp32's + u/8"
     )
     print(
@@ -180,7 +182,7 @@ def table_gating(
     g.config.update_precision = "bf16"
 
 
-def table_streaming(g: TTTGating, g64: TTTGating, x: torch.Tensor, eta: float) -> None:
+def table_streaming(g: InPlaceTTT, g64: InPlaceTTT, x: torch.Tensor, eta: float) -> None:
     g.config.eta = g64.config.eta = eta
     g.config.update_precision = "bf16"
     B, T, _ = x.shape

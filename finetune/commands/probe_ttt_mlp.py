@@ -12,7 +12,7 @@ sequence, so only what the layer's fast weights learned from the writes can answ
 updates off is at chance (``1 / num_values``). Queries start at a chunk boundary after the writes, so
 every answer crosses at least one inner update.
 
-The model is ``readout(TTTMLPGating(x))`` with the layer's own MLP zeroed (only the TTT-MLP branch
+The model is ``readout(TTTMLP(x))`` with the layer's own MLP zeroed (only the TTT-MLP branch
 speaks), trained by AdamW on the cross-entropy at the query tokens. Prints the training curve, the
 query accuracy on held-out sequences with updates on and off, and the inner loss along the sequence
 (``1/2 ||LN(f_W(k)) - (v - k)||^2`` of the write tokens under the weights before and after each chunk).
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from moshi_ttt import TTTConfig, TTTMLPGating
+from moshi_ttt import TTTMLP, TTTConfig
 
 
 class Probe(nn.Module):
@@ -42,7 +42,7 @@ class Probe(nn.Module):
         cfg = TTTConfig(
             variant="mlp", chunk_size=args.chunk, eta=args.eta, mlp_heads=args.heads, mlp_qk_norm=args.qk_norm
         )
-        self.ttt = TTTMLPGating(lin_in, lin_out, F.silu, d, cfg)
+        self.ttt = TTTMLP(lin_in, lin_out, F.silu, d, cfg)
         with torch.no_grad():
             self.ttt.alpha.fill_(args.gate_init)  # the probe has nothing else: start with the gate open
         self.norm = nn.LayerNorm(d)

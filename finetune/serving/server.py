@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moshi_ttt import TTTLMGen, set_ttt_updates, ttt_gatings
+from moshi_ttt import TTTLMGen, set_ttt_updates, ttt_layers
 
 from .inference import Sampling, load_checkpoint_model
 
@@ -571,7 +571,7 @@ def build_server(
     loaded = load_checkpoint_model(checkpoint, device, dtype=DTYPES[dtype] if dtype else None)
     if loaded.ttt:
         set_ttt_updates(loaded.lm, ttt_updates)
-        n = len(ttt_gatings(loaded.lm))
+        n = len(ttt_layers(loaded.lm))
         logger.info("%d TTT layer(s), fast-weight updates %s", n, "on" if ttt_updates else "off (W^(0) kept)")
     elif not ttt_updates:
         logger.warning("--no-ttt-updates: %s has no TTT layers, nothing to turn off", loaded.checkpoint)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moshi_ttt import ttt_gatings
+from moshi_ttt import ttt_layers
 
 from ..args import TrainConfig, check_resume_compatible, config_to_yaml
 from ..data import BatchPlan, ResumableLoader
@@ -152,7 +152,7 @@ class Trainer:
         self.wandb_run = init_wandb(cfg, self.run_dir, self.wandb_id, self.cfg_dict) if main else None
         self.metrics = Metrics(self.run_dir, main, self.wandb_run)
         self.metrics.start(self.start_step, self.resumed_from)
-        self.gatings = list(ttt_gatings(self.base).values()) if cfg.ttt.enabled else []
+        self.ttt_layers = list(ttt_layers(self.base).values()) if cfg.ttt.enabled else []
         # Moshi's 12.5 Hz time steps (one text token + n_q audio tokens each) per optimisation step.
         self.frames_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size * cfg.data.num_frames
 
@@ -232,7 +232,7 @@ class Trainer:
         norms = (D.all_reduce_sum(local) / self.dist.world_size).tolist()
         acc = torch.zeros(5, device=self.dist.device, dtype=torch.float64)
         for micro, (codes, w) in enumerate(zip(micro_batches, weights)):
-            for g in self.gatings:
+            for g in self.ttt_layers:
                 g.record_stats = log_now and micro == 0
             sync = micro == cfg.grad_accum - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
             with model.no_sync() if not sync else contextlib.nullcontext(), D.autocast(cfg, self.dist):
@@ -275,7 +275,7 @@ class Trainer:
         values["data/skipped_items"] = self.loader.skipped_all_ranks()
         for group in self.optimizer.param_groups:
             values[f"lr/{group.get('name', 'group')}"] = group["lr"]
-        if self.gatings:
+        if self.ttt_layers:
             values.update(ttt_telemetry(self.base))
         self.metrics.log("train", step, values)
         logger.info(

@@ -1,6 +1,6 @@
 """The TTT-MLP layer (``variant: mlp``): Moshi's gated MLP plus a TTT-MLP residual branch.
 
-``TTTMLPGating`` implements :class:`moshi_ttt.layer.TTTLayer`. It keeps the layer's MLP as it is
+``TTTMLP`` implements :class:`moshi_ttt.layer.TTTLayer`. It keeps the layer's MLP as it is
 (``linear_in``, ``linear_out``: slow weights) and adds beside it the TTT-MLP layer of the TTT papers,
 read from their public code: test-time-training/ttt-lm-pytorch (``ttt.py``, ``TTTMLP``; causal
 language modelling, the closest setting to Moshi's) and test-time-training/ttt-video-dit
@@ -50,22 +50,58 @@ fast MLP (a few products of ``D x E`` per head): the same order as one MLP step.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import TTTConfig
-from .layer import ParamGroup, TTTLayer, TTTState, full_tensor
+from .deprecation import moved_attributes
+from .layer import (
+    FIXED_ON_RESUME,
+    ParamGroup,
+    TTTLayer,
+    TTTState,
+    VariantSettings,
+    full_tensor,
+    is_int,
+    setting_error,
+)
 from .ops.common import no_autocast
 from .ops.mlp import FastWeights, InnerParams, read_out, token_weights, ttt_mlp_chunked, ttt_mlp_piece
+
+if TYPE_CHECKING:
+    from .config import TTTConfig
 
 POST_NORM_EPS = 1e-6  # both references' post-norm epsilon (nn.LayerNorm(width, eps=1e-6))
 
 
 @dataclass
-class _MLPState(TTTState):
+class TTTMLPSettings(VariantSettings):
+    """TTT-MLP's own settings (flat ``ttt.<name>`` keys of :class:`moshi_ttt.TTTConfig`).
+
+    Attributes:
+        mlp_heads, mlp_expansion: heads of the TTT-MLP branch and the hidden size of each head's
+            fast MLP as a multiple of the head dimension.
+        mlp_qk_norm: L2-normalise each head's queries and keys (ttt-video-dit does, ttt-lm-pytorch
+            does not).
+    """
+
+    mlp_heads: int = field(default=4, metadata=FIXED_ON_RESUME)
+    mlp_expansion: int = field(default=4, metadata=FIXED_ON_RESUME)
+    mlp_qk_norm: bool = False
+
+    def check(self) -> None:
+        for name in ("mlp_heads", "mlp_expansion"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise setting_error(self, name, "must be an integer >= 1")
+        if not isinstance(self.mlp_qk_norm, bool):
+            raise setting_error(self, "mlp_qk_norm", "must be true or false")
+
+
+@dataclass
+class TTTMLPState(TTTState):
     fast: FastWeights  # chunk-start weights per batch element, float32
     acc: FastWeights  # sum over the current chunk's tokens so far of r_s * grad l_s(fast), float32
     init: FastWeights  # W^(0) per batch element (views of the parameters), what resets return to
@@ -81,10 +117,11 @@ class _MLPState(TTTState):
             acc[m] = 0
 
 
-class TTTMLPGating(TTTLayer[_MLPState]):
+class TTTMLP(TTTLayer[TTTMLPState]):
     """Moshi's gated MLP plus a TTT-MLP residual branch gated by ``tanh(alpha)`` (``alpha = 0`` at init)."""
 
     VARIANT = "mlp"
+    SETTINGS = TTTMLPSettings
     PARAM_GROUPS = (
         ParamGroup(
             "ttt_mlp",
@@ -136,7 +173,7 @@ class TTTMLPGating(TTTLayer[_MLPState]):
         return "hidden"  # the branch reads only the MLP input
 
     @classmethod
-    def _wrap(cls, gating: nn.Module, config: TTTConfig) -> TTTMLPGating:
+    def _wrap(cls, gating: nn.Module, config: TTTConfig) -> TTTMLP:
         ref = next(gating.parameters())
         dim = ref.shape[1] if isinstance(gating.linear_in, nn.Linear) else gating.linear_in.in_features
         return cls(gating.linear_in, gating.linear_out, gating.activation, dim, config, ref.device, ref.dtype)
@@ -225,10 +262,10 @@ class TTTMLPGating(TTTLayer[_MLPState]):
         return base + self._merge(o, x)
 
     # ---------------------------------------------------------------- streaming
-    def _init_streaming_state(self, batch_size: int) -> _MLPState:
+    def _init_streaming_state(self, batch_size: int) -> TTTMLPState:
         init = FastWeights.expand(tuple(t.detach() for t in self._init()), batch_size)
         fast = FastWeights(*(t.clone() for t in init.tuple()))
-        return _MLPState(
+        return TTTMLPState(
             batch_size,
             self.w1.device,
             pos=torch.zeros(batch_size, dtype=torch.long),
@@ -237,7 +274,7 @@ class TTTMLPGating(TTTLayer[_MLPState]):
             init=init,
         )
 
-    def _chunk_start_output(self, state: _MLPState, x: torch.Tensor) -> torch.Tensor:
+    def _chunk_start_output(self, state: TTTMLPState, x: torch.Tensor) -> torch.Tensor:
         """The piece's output, and (the side effect this variant needs) the piece's gradients added to
         the running sum of the elements that execute: tokens read updates made inside their chunk."""
         xq, xk, xv, lr = self.projections(x)
@@ -255,7 +292,7 @@ class TTTMLPGating(TTTLayer[_MLPState]):
             cur[active] = new[active]
         return out
 
-    def _apply_update(self, state: _MLPState, done: torch.Tensor) -> None:
+    def _apply_update(self, state: TTTMLPState, done: torch.Tensor) -> None:
         """The chunk's last token's weights become the next chunk's start, for the elements in ``done``."""
         idx = done.to(state.acc.w1.device)
         tau_last = token_weights(self.token_offset.detach().float())[-1]
@@ -263,14 +300,20 @@ class TTTMLPGating(TTTLayer[_MLPState]):
         for cur, upd in zip(state.fast.tuple(), new.tuple()):
             cur[idx] = upd[idx]
 
-    def _complete_chunks(self, state: _MLPState, done: torch.Tensor) -> None:
+    def _complete_chunks(self, state: TTTMLPState, done: torch.Tensor) -> None:
         super()._complete_chunks(state, done)
         idx = done.to(state.acc.w1.device)
         for acc in state.acc.tuple():  # a new chunk: no gradient yet (with updates on or off)
             acc[idx] = 0
 
-    def _forward_stream(self, x: torch.Tensor, src: torch.Tensor, state: _MLPState) -> torch.Tensor:
+    def _forward_stream(self, x: torch.Tensor, src: torch.Tensor, state: TTTMLPState) -> torch.Tensor:
         o = torch.cat(self._stream_chunks(state, (x,), ()), 2)  # [B, H, T, D]
         with torch.no_grad():
             branch = self._merge(o, x)
         return self.base(x) + branch
+
+
+# Old names (issue 24), with a DeprecationWarning until the next release.
+__getattr__ = moved_attributes(
+    __name__, {"TTTMLPGating": "moshi_ttt.mlp:TTTMLP", "_MLPState": "moshi_ttt.mlp:TTTMLPState"}
+)

@@ -1,6 +1,6 @@
 """The In-Place TTT layer (``variant: inplace``): Moshi's gated MLP whose output projection is a fast weight.
 
-``TTTGating`` implements :class:`moshi_ttt.layer.TTTLayer` and replaces
+``InPlaceTTT`` implements :class:`moshi_ttt.layer.TTTLayer` and replaces
 ``moshi.modules.gating.ActivationGating`` in a selected layer:
 
 - ``linear_in`` (``[W_gate; W_up]``) is kept as it is (possibly LoRA-wrapped): slow weights.
@@ -14,13 +14,13 @@
   the target path learns (two zero factors would form a saddle with no gradient).
 - ``eta_norm: zsq`` divides each chunk's update by the chunk's mean ``||z_t||^2``. A per-chunk
   scalar on ``V[i]^T Z[i]`` is the same as dividing that chunk's target ``V[i]`` by it, so it lives
-  here (:meth:`TTTGating.update_target`) and the fast-weight ops never see it; streaming applies it
+  here (:meth:`InPlaceTTT.update_target`) and the fast-weight ops never see it; streaming applies it
   when a chunk completes, over the chunk buffer, with the same function training applies to the chunk
   grid (:func:`chunk_mean_sq`), and the gradient flows through the statistic as through ``V``.
 
 Training (no streaming state) runs :func:`moshi_ttt.ops.inplace.ttt_chunked` over the whole sequence.
 Streaming keeps one float32 accumulated update ``delta = W^(i-1) - W^(0)`` per batch element in
-``_TTTState``: each step is computed with the weight of its chunk's start, as ``z W^(0)T`` (the
+``InPlaceState``: each step is computed with the weight of its chunk's start, as ``z W^(0)T`` (the
 base term, in the dtype training uses for it) plus ``z delta^T`` (float32); ``z`` and the source are
 buffered, and when a chunk completes its target is computed over the whole chunk (the conv needs the
 chunk's later tokens) and the update is applied. Streaming therefore equals the full-sequence
@@ -32,16 +32,113 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import TTTConfig
-from .layer import ParamGroup, TTTLayer, TTTState, full_tensor
+from .deprecation import moved_attributes
+from .layer import (
+    FIXED_ON_RESUME,
+    ParamGroup,
+    TTTLayer,
+    TTTState,
+    VariantSettings,
+    full_tensor,
+    is_int,
+    setting_error,
+)
 from .ops.common import no_autocast
+from .ops.inplace import PRECISIONS as UPDATE_PRECISIONS
 from .ops.inplace import base_term, ttt_chunked
+
+if TYPE_CHECKING:
+    from .config import TTTConfig
+
+TARGET_SOURCES = ("text_emb", "input_emb", "user_audio_emb", "hidden")
+FAST_FORMS = ("auto", "dual", "scan")
+ETA_NORMS = ("none", "zsq")
+WRITE_GATE_INPUTS = ("source", "key")
+
+
+@dataclass
+class InPlaceSettings(VariantSettings):
+    """In-Place TTT's own settings (flat ``ttt.<name>`` keys of :class:`moshi_ttt.TTTConfig`).
+
+    Attributes:
+        eta_norm: ``none`` (raw ``eta``, what the paper's ``eta = 3`` means) or ``zsq``: each chunk's
+            update is divided by the chunk's mean ``||z_t||^2`` (computed in the forward pass), so
+            ``W^(i) = W^(i-1) + eta * V[i]^T Z[i] / mean_t ||z_t||^2``. Then what an update adds to a
+            later output, ``eta * sum_t (z_s . z_t) v_t / mean ||z||^2``, no longer grows with the
+            MLP width or the checkpoint's activation scale. A raw ``eta`` corresponds to
+            ``eta * mean ||z||^2`` in ``zsq`` (the training telemetry logs ``z_sq_mean`` per layer).
+        conv_kernel_size: taps ``K`` of the target convolution; position ``t`` sees ``t .. t+K-1``
+            inside its own chunk (zero padding at the chunk's right edge).
+        conv_depthwise: one filter per channel (``d*K`` weights) instead of a full ``d x d x K`` conv.
+        target_source: what the target convolution reads: ``text_emb`` (the text-token embedding:
+            Moshi's own inner monologue), ``input_emb`` (the summed text + audio embedding entering
+            the transformer), ``user_audio_emb`` (the summed embeddings of the other speaker's audio
+            codebooks, ``dep_q .. n_q - 1``: what the user says, which never reaches Moshi as text)
+            or ``hidden`` (the MLP's own input, the official continual-training choice).
+        fast_form: ``auto`` picks the quadratic dual form for short sequences and the linear
+            chunk scan for long ones (see :func:`moshi_ttt.ops.ttt_chunked`).
+        update_precision: the update math under bf16 autocast or in a bf16 model: ``bf16``
+            multiplies bf16 operands into float32 sums (tensor-core speed; the scores ``Z Z^T`` and
+            their gradients are rounded to bf16 where they enter a product), ``fp32`` keeps every
+            operand float32 (TF32 with the training config's ``tf32``). Whatever accumulates across
+            chunks (streaming ``delta``, ``w_final``, the scan state) is float32 either way, and a
+            float32 model computes the same in both. Errors against a float64 reference:
+            ``scripts/check_precision.py``.
+        write_gate: a learned per-token write strength ``g_t = 2 sigmoid(x_t . w + b)`` of the target
+            source ``x_t`` multiplies the target, so a chunk's update is ``eta * sum_t g_t v_t z_t^T``
+            (a per-token learning rate, as LaCT and TTT-MLP have); 1 at init (``w = b = 0``). With
+            live audio it lets the layer write only where the text carries something
+            (docs/long_context.md, "Live audio").
+        write_gate_input: what the write gate reads: ``source`` (the target source ``x_t``, as above)
+            or ``key`` (the layer's own activations ``z_t``, the fast weight's key: they depend on
+            the context, so the gate can open where the hidden state says a fact is being stated,
+            e.g. on the other speaker's audio, where the source alone cannot tell a fact from speech).
+    """
+
+    eta_norm: str = "none"
+    conv_kernel_size: int = field(default=2, metadata=FIXED_ON_RESUME)
+    conv_depthwise: bool = field(default=True, metadata=FIXED_ON_RESUME)
+    target_source: str = field(default="text_emb", metadata=FIXED_ON_RESUME)
+    fast_form: str = "auto"
+    update_precision: str = "bf16"
+    write_gate: bool = field(default=False, metadata=FIXED_ON_RESUME)
+    write_gate_input: str = field(default="source", metadata=FIXED_ON_RESUME)
+
+    def check(self) -> None:
+        if self.eta_norm not in ETA_NORMS:
+            raise setting_error(self, "eta_norm", f"must be one of {', '.join(ETA_NORMS)}")
+        if not is_int(self.conv_kernel_size) or self.conv_kernel_size < 1:
+            raise setting_error(self, "conv_kernel_size", "must be an integer >= 1")
+        if not isinstance(self.conv_depthwise, bool):
+            raise setting_error(self, "conv_depthwise", "must be true or false")
+        if self.target_source not in TARGET_SOURCES:
+            raise setting_error(self, "target_source", f"must be one of {', '.join(TARGET_SOURCES)}")
+        if self.fast_form not in FAST_FORMS:
+            raise setting_error(self, "fast_form", f"must be one of {', '.join(FAST_FORMS)}")
+        if not isinstance(self.write_gate, bool):
+            raise setting_error(self, "write_gate", "must be true or false")
+        if self.write_gate and self.variant != "inplace":
+            raise setting_error(
+                self,
+                "write_gate",
+                "is an In-Place TTT option (variant: inplace); TTT-MLP has its own per-token rate",
+            )
+        if self.write_gate_input not in WRITE_GATE_INPUTS:
+            raise setting_error(self, "write_gate_input", f"must be one of {', '.join(WRITE_GATE_INPUTS)}")
+        if self.update_precision not in UPDATE_PRECISIONS:
+            raise setting_error(self, "update_precision", f"must be one of {', '.join(UPDATE_PRECISIONS)}")
+        if self.eta_norm != "none" and self.variant != "inplace":
+            raise setting_error(
+                self, "eta_norm", f"applies to variant inplace only (variant is {self.variant!r}); use none"
+            )
+
 
 # Floor of the zsq statistic: keeps an all-zero chunk (whose update is zero anyway) finite.
 _ZSQ_FLOOR = 1e-12
@@ -68,14 +165,14 @@ def chunk_mean_sq(z: torch.Tensor, chunk_size: int) -> torch.Tensor:
 
 
 @dataclass
-class _TTTState(TTTState):
+class InPlaceState(TTTState):
     """Per-batch-element fast-weight state of one TTT gating while streaming."""
 
     delta: torch.Tensor  # [B, d, h] float32: the accumulated update, W^(i-1) - W^(0)
     w0: torch.Tensor  # [d, h]: the initial weight W^(0) (a view of the parameter)
     buf_z: torch.Tensor  # [B, C, h] float32: activations of the current chunk so far
     buf_src: torch.Tensor  # [B, C, d_src]: target source of the current chunk so far
-    # `pos` on the model's device, for CUDA-graph steps (see TTTGating.prepare_graph_step).
+    # `pos` on the model's device, for CUDA-graph steps (see InPlaceTTT.prepare_graph_step).
     pos_dev: torch.Tensor
     pos_dev_stale: bool = False  # eager steps moved `pos` since pos_dev was last written
     graph_steps: bool = False  # graph steps moved `pos_dev` since `pos` was last read back
@@ -103,10 +200,11 @@ def _weight_of(linear: nn.Module) -> torch.Tensor:
     )
 
 
-class TTTGating(TTTLayer[_TTTState]):
+class InPlaceTTT(TTTLayer[InPlaceState]):
     """Gated MLP with an In-Place TTT output projection. Build it with :meth:`from_gating`."""
 
     VARIANT = "inplace"
+    SETTINGS = InPlaceSettings
     PARAM_GROUPS = (
         ParamGroup("ttt_target", "TTT target path (conv, W_target)", ("target_conv", "target_proj")),
         ParamGroup("w_down", "TTT w_down (fast-weight init W^(0))", ("w_down",), pretrained=True),
@@ -150,7 +248,11 @@ class TTTGating(TTTLayer[_TTTState]):
         self._register_load_state_dict_pre_hook(self._map_vanilla_keys)
 
     @classmethod
-    def _wrap(cls, gating: nn.Module, config: TTTConfig) -> TTTGating:
+    def source(cls, config: TTTConfig) -> str:
+        return config.target_source  # what the target conv reads
+
+    @classmethod
+    def _wrap(cls, gating: nn.Module, config: TTTConfig) -> InPlaceTTT:
         lo = gating.linear_out
         w = lo.weight if isinstance(lo, nn.Linear) else nn.Parameter(_weight_of(lo).detach().clone())
         return cls(gating.linear_in, w, gating.activation, config)
@@ -292,10 +394,10 @@ class TTTGating(TTTLayer[_TTTState]):
         return stats
 
     # ---------------------------------------------------------------- streaming
-    def _init_streaming_state(self, batch_size: int) -> _TTTState:
+    def _init_streaming_state(self, batch_size: int) -> InPlaceState:
         w0 = self.w_down.detach()
         dev, C = w0.device, self.config.chunk_size
-        return _TTTState(
+        return InPlaceState(
             batch_size,
             dev,
             pos=torch.zeros(batch_size, dtype=torch.long),
@@ -306,11 +408,11 @@ class TTTGating(TTTLayer[_TTTState]):
             pos_dev=torch.zeros(batch_size, dtype=torch.long, device=dev),
         )
 
-    def _chunk_start_output(self, state: _TTTState, z: torch.Tensor, zf: torch.Tensor) -> torch.Tensor:
+    def _chunk_start_output(self, state: InPlaceState, z: torch.Tensor, zf: torch.Tensor) -> torch.Tensor:
         """``z W^(0)T`` (the base term, in the dtype training uses for it) ``+ z delta^T`` (float32)."""
         return torch.baddbmm(base_term(z, state.w0).float(), zf, state.delta.transpose(1, 2))
 
-    def _apply_update(self, state: _TTTState, done: torch.Tensor) -> None:
+    def _apply_update(self, state: InPlaceState, done: torch.Tensor) -> None:
         """W^(i) = W^(i-1) + eta V[i]^T Z[i] for the elements in ``done``."""
         eta = self.config.eta
         if bool(done.all()):
@@ -322,7 +424,7 @@ class TTTGating(TTTLayer[_TTTState]):
             for j, b in enumerate(idx):
                 state.delta[b].addmm_(v[j].t(), state.buf_z[b], alpha=eta)
 
-    def _forward_stream(self, x: torch.Tensor, src: torch.Tensor, state: _TTTState) -> torch.Tensor:
+    def _forward_stream(self, x: torch.Tensor, src: torch.Tensor, state: InPlaceState) -> torch.Tensor:
         if state.graph_steps:  # graph-mode steps ran before this eager call
             self.prepare_graph_step()
         z = self.activations(x)
@@ -352,7 +454,7 @@ class TTTGating(TTTLayer[_TTTState]):
             state.pos_dev_stale = False
 
     @torch.no_grad()
-    def _forward_graph_step(self, x: torch.Tensor, src: torch.Tensor, state: _TTTState) -> torch.Tensor:
+    def _forward_graph_step(self, x: torch.Tensor, src: torch.Tensor, state: InPlaceState) -> torch.Tensor:
         """One streaming step that a CUDA graph can capture and replay: no host sync and no branch on
         data. The output uses the chunk-start weight; ``z`` and the source go into the chunk buffers
         at the device-side position, which advances where ``exec_mask`` is set. The chunk-end update
@@ -369,3 +471,9 @@ class TTTGating(TTTLayer[_TTTState]):
         state.buf_src.scatter_(1, idx.expand(B, 1, src.shape[-1]), src.to(state.buf_src.dtype))
         state.pos_dev.add_(state.exec_mask.to(torch.long))
         return out.to(x.dtype)
+
+
+# Old names (issue 24), with a DeprecationWarning until the next release.
+__getattr__ = moved_attributes(
+    __name__, {"TTTGating": "moshi_ttt.inplace:InPlaceTTT", "_TTTState": "moshi_ttt.inplace:InPlaceState"}
+)
