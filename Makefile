@@ -1,10 +1,10 @@
 # The README's commands. Each one creates the virtual environment on first use (plain pip, from
-# pyproject.toml), so a fresh clone needs nothing else.
+# pyproject.toml), so a fresh clone needs nothing else. moshi's CPU compile switch (NO_TORCH_COMPILE)
+# is set by moshi_ttt itself on a machine without CUDA, and by tests/conftest.py for the tests.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export NO_TORCH_COMPILE ?= 1
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install test test-all tiny bench lint

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Collection
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
@@ -172,12 +173,14 @@ def fixed_on_resume_keys(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+def flatten(d: dict[str, Any], prefix: str = "", *, whole: Collection[str] = ()) -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``. A section named in ``whole`` (dotted) stays one value, and
+    with ``whole`` given an empty section too (free-form mappings such as ``model.tiny``, compared or
+    reported as one key)."""
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
+        if isinstance(v, dict) and not (whole and (not v or prefix + k in whole)):
+            out.update(flatten(v, f"{prefix}{k}.", whole=whole))
         else:
             out[prefix + k] = v
     return out

@@ -16,15 +16,15 @@ the target path ``target_conv`` / ``target_proj``), keyed by their names in the 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .config import TTTConfig
+from .files import save_safetensors_atomic
 from .layer import named_ttt_layers
 from .patch import ttt_info
 
@@ -54,28 +54,15 @@ def ttt_state_dict(
     return out
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600: give the file the mode a plain write would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_ttt_weights(
     model: nn.Module, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None
 ) -> Path:
     """Write the TTT tensors and config of ``model`` to ``path`` (safetensors, atomically)."""
     config = _require_ttt(model)
     path = Path(path)
-    _atomic_save(ttt_state_dict(model, state_dict), path, {"format": FORMAT, "ttt_config": config.to_json()})
+    save_safetensors_atomic(
+        ttt_state_dict(model, state_dict), path, {"format": FORMAT, "ttt_config": config.to_json()}
+    )
     return path
 
 

@@ -2,7 +2,6 @@
 rule is tested in test_interleave.py)."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -353,7 +352,6 @@ def test_embedded_default_config_trains_through_the_cli(tiny_ds, tmp_path):
         + [f"--data.{k}={p}" for k, p in data.items()]
         + [f"--data.cache_dir={tmp_path / 'codes'}"],
         cwd=ROOT,
-        env=dict(os.environ, NO_TORCH_COMPILE="1"),
         capture_output=True,
         text=True,
         timeout=600,

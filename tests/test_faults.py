@@ -24,7 +24,7 @@ from finetune.training.checkpointing import checkpoint_root, list_checkpoints, l
 from finetune.training.trainer import Diverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, NO_TORCH_COMPILE="1", OMP_NUM_THREADS="1")
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def steps(run) -> list[int]:

@@ -377,7 +377,7 @@ def test_a_moshi_finetune_lora_checkpoint_starts_a_ttt_run(tmp_path):
     from finetune.training.checkpointing import list_checkpoints
     from finetune.training.model import build_model
     from finetune.training.trainer import train
-    from moshi_ttt import ttt_gatings
+    from moshi_ttt import ttt_layers
 
     base = _tiny_base(tmp_path / "base")
     ckpt = _mf_lora_checkpoint(base, tmp_path / "mf")
@@ -387,7 +387,7 @@ def test_a_moshi_finetune_lora_checkpoint_starts_a_ttt_run(tmp_path):
     cfg = _local(tmp_path, "ttt", finetune="lora", **{"model.init_from": str(ckpt)})
     model = build_model(cfg, torch.device("cpu")).model
     # w_down of the TTT layer is the merged fine-tuned linear_out; the ft_embed table is the trained one.
-    w_down = ttt_gatings(model)[1].w_down
+    w_down = ttt_layers(model)[1].w_down
     torch.testing.assert_close(
         w_down, ref.transformer.layers[1].gating.linear_out.weight, rtol=1e-6, atol=1e-6
     )
@@ -414,7 +414,7 @@ def test_a_moshi_finetune_full_checkpoint_starts_a_ttt_run(tmp_path):
 
     from finetune.training.model import build_model
     from finetune.training.trainer import train
-    from moshi_ttt import ttt_gatings
+    from moshi_ttt import ttt_layers
     from moshi_ttt.tiny import tiny_lm_kwargs
 
     base = _tiny_base(tmp_path / "base")
@@ -441,7 +441,7 @@ def test_a_moshi_finetune_full_checkpoint_starts_a_ttt_run(tmp_path):
     )
     model = build_model(cfg, torch.device("cpu")).model
     torch.testing.assert_close(
-        ttt_gatings(model)[1].w_down, ref.transformer.layers[1].gating.linear_out.weight
+        ttt_layers(model)[1].w_down, ref.transformer.layers[1].gating.linear_out.weight
     )
     model.eval()
     with torch.no_grad():

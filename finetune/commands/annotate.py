@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from moshi_ttt.files import write_text_atomic
 
 # A transcriber takes mono 16 kHz float32 audio and yields (word, start_seconds, end_seconds).
 Transcriber = Callable[["object"], Iterable[tuple[str, float, float]]]
@@ -38,10 +38,7 @@ def annotate_file(audio: Path, transcribe: Transcriber, both_channels: bool = Fa
                 words.append([text, [round(float(start), 3), round(float(end), 3)], speaker])
     words.sort(key=lambda w: w[1][0])
     out = audio.with_suffix(".json")
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"alignments": words}, f)
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps({"alignments": words}))
     return out
 
 

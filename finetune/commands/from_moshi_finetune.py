@@ -16,9 +16,7 @@ export WANDB_API_KEY instead. The output is the full resolved config (every key 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from datetime import date
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import yaml
 from finetune.args import TrainConfig, config_to_yaml
 from finetune.compat.convert import convert
 from finetune.schema import ConfigError, apply_overrides, from_dict, parse_key_values
+from moshi_ttt.files import write_text_atomic
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,10 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         f"#   python scripts/encode_codes.py {args.output} --device=cuda   # Mimi codes, once\n"
         f"#   torchrun --nproc-per-node N train.py {args.output}\n"
     )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=args.output.parent, suffix=".tmp", delete=False) as f:
-        f.write(header + config_to_yaml(cfg))
-    os.replace(f.name, args.output)
+    write_text_atomic(args.output, header + config_to_yaml(cfg))
     print(f"{args.mf_config} (moshi-finetune) -> {args.output}\n")
     print(conv.report())
     print(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -25,6 +24,7 @@ import torch
 
 from finetune.args import load_config
 from finetune.data.audio import FRAME_SIZE, SAMPLE_RATE, load_mimi
+from moshi_ttt.files import save_safetensors_atomic
 
 MARKERS = ("note", "what")  # "note KEY VALUE" defines, "what KEY" asks
 KEYS = (
@@ -90,8 +90,6 @@ def main() -> None:
         )
     words = [*MARKERS, *KEYS[: r.num_keys], *VALUES[: r.num_values]]
     mimi = load_mimi(cfg.data.mimi_weights, cfg.data.mimi_config, num_codebooks=max(n_user, int(kw["dep_q"])))
-    from safetensors.torch import save_file
-
     tensors, lengths = {}, []
     for i, w in enumerate(words):
         codes = encode_word(mimi, speak(w, args.voice, args.speed))[:n_user].contiguous()
@@ -103,10 +101,7 @@ def main() -> None:
         "speed": str(args.speed),
         "mimi": str(cfg.data.mimi_weights),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, out)
+    save_safetensors_atomic(tensors, out, metadata=meta)
     print(
         f"wrote {len(words)} words ({n_user} codebooks, {min(lengths)}-{max(lengths)} frames each) to {out}"
     )

@@ -16,14 +16,15 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from moshi_ttt.files import save_safetensors_atomic
 
 SAMPLE_RATE = 24_000
 FRAME_RATE = 12.5
@@ -91,12 +92,6 @@ def encode_stereo(mimi, wav: np.ndarray) -> torch.Tensor:
     return codes.reshape(-1, codes.shape[-1]).cpu().long()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def file_digest(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -151,14 +146,4 @@ class CodeCache:
 
     def put(self, audio: str | Path, codes: torch.Tensor) -> Path:
         p = self.path_for(audio)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"codes": codes.to(torch.int32).contiguous()}, tmp, metadata={"source": str(audio)})
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; cache files get the usual mode
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return p
+        return save_safetensors_atomic({"codes": codes.to(torch.int32)}, p, metadata={"source": str(audio)})

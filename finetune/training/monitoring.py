@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from moshi_ttt import ttt_gatings
+from moshi_ttt import ttt_layers
+from moshi_ttt.files import write_text_atomic
 
 logger = logging.getLogger("finetune")
 
@@ -71,9 +72,7 @@ class Metrics:
             if drop:
                 with (self.path.parent / "metrics.superseded.jsonl").open("a") as f:
                     f.writelines(drop)
-                tmp = self.path.with_suffix(".jsonl.tmp")
-                tmp.write_text("".join(keep))
-                os.replace(tmp, self.path)
+                write_text_atomic(self.path, "".join(keep))
                 logger.info(
                     "metrics.jsonl: %d record(s) after step %d moved to metrics.superseded.jsonl",
                     len(drop),
@@ -129,7 +128,7 @@ def ttt_telemetry(base) -> dict[str, float]:
     """Per TTT layer: what its variant reports (``moshi_ttt.layer.TELEMETRY``, e.g. In-Place TTT's
     ``||w_down - w_down_pretrained||``, the TTT term relative to the base term, one chunk's update
     relative to ``||W^(0)||``)."""
-    return {f"ttt/layer{i}/{k}": v for i, g in ttt_gatings(base).items() for k, v in g.telemetry().items()}
+    return {f"ttt/layer{i}/{k}": v for i, g in ttt_layers(base).items() for k, v in g.telemetry().items()}
 
 
 # Console names of the telemetry a user reads to see whether TTT is off (~1e-6), acting (~1) or swamping (tens).
