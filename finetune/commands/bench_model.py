@@ -37,7 +37,7 @@ from finetune.args import TrainConfig, load_config
 from finetune.training.loss import loss_weights, training_loss
 from finetune.training.model import build_model
 from finetune.training.optim import build_optimizer
-from moshi_ttt import ttt_gatings
+from moshi_ttt import ttt_layers
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 TARGET_TIME, TARGET_MEM = 1.10, 1.10
@@ -132,7 +132,7 @@ def measure(model, cfg, optimizer, codes, steps: int, warmup: int) -> tuple[floa
 def set_update_math(model, math: str) -> None:
     """``fp32`` / ``tf32`` / ``bf16`` update math on every TTT layer (tf32: the global matmul flag)."""
     torch.backends.cuda.matmul.allow_tf32 = math == "tf32"
-    for g in ttt_gatings(model).values():
+    for g in ttt_layers(model).values():
         g.config.update_precision = "bf16" if math == "bf16" else "fp32"
 
 
@@ -143,7 +143,7 @@ def free() -> None:
         torch.cuda.empty_cache()
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=ROOT / "configs/moshi7b_lora_ttt.yaml")
     p.add_argument("--T", type=int, nargs="+", default=[3000, 6000])
@@ -155,7 +155,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--tiny", action="store_true", help="a tiny architecture (CPU check of the code path)")
     p.add_argument("--chunk", type=int, default=None, help="override ttt.chunk_size")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Measure every row and print the table; returns the rows."""
+    args = _parser().parse_args(argv)
     device = torch.device(args.device)
     rows: list[dict] = []
 
@@ -178,7 +183,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     cfg = bench_config(args.config, args.tiny, args.chunk, device, ttt=True)
     model = build(cfg, device)
-    layers = sorted(ttt_gatings(model))
+    layers = sorted(ttt_layers(model))
     optimizer, _ = build_optimizer(model, cfg)
     for math in args.update:
         set_update_math(model, math)
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not args.no_frozen_w_down:
         del optimizer
         free()
-        for g in ttt_gatings(model).values():  # as build_model leaves a frozen w_down: bf16
+        for g in ttt_layers(model).values():  # as build_model leaves a frozen w_down: bf16
             g.w_down.requires_grad_(False)
             g.w_down.grad = None
             g.w_down.data = g.w_down.data.to(torch.bfloat16)
@@ -197,6 +202,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     del model, optimizer
     free()
 
+    _print_table(rows, args, cfg, layers, n_params, device)
+    return rows
+
+
+def _print_table(
+    rows: list[dict], args: argparse.Namespace, cfg, layers: list[int], n_params: int, device
+) -> None:
+    """The measured rows as a table, each as a multiple of the no-TTT row of its window."""
     where = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -231,7 +244,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(
             "(CPU: no memory figures; the bf16 update math is emulated in float32 on CPU, so its time is no guide)"
         )
-    return rows
 
 
 def cli() -> None:

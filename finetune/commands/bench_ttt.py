@@ -3,7 +3,7 @@
 Prints, for each (T, C): forward+backward time and activation bytes saved for backward of
 
 - ``plain``: moshi's ``ActivationGating`` (the MLP a TTT layer replaces),
-- ``ttt``: :class:`moshi_ttt.TTTGating` with ``fast_form=auto`` (plus ``dual`` / ``scan`` forced), once
+- ``ttt``: :class:`moshi_ttt.InPlaceTTT` with ``fast_form=auto`` (plus ``dual`` / ``scan`` forced), once
   per update math in ``--update``: ``fp32`` (float32 products), ``tf32`` (the same with TF32 matmuls
   allowed) and ``bf16`` (``ttt.update_precision: bf16``: bf16 operands, float32 sums; it only differs
   from ``fp32`` under ``--amp bf16``, and on CPU it is emulated in float32, so time it on a GPU),
@@ -35,8 +35,8 @@ import torch
 from moshi.modules.gating import ActivationGating
 from torch.nn import functional as F
 
-from moshi_ttt import TTTConfig, TTTGating
-from moshi_ttt import gating as gating_mod
+from moshi_ttt import InPlaceTTT, TTTConfig
+from moshi_ttt import inplace as inplace_mod
 from moshi_ttt.ops import choose_form
 
 
@@ -82,7 +82,7 @@ def make_modules(d, h, C, eta, device="cpu", form="auto"):
         torch.nn.init.normal_(plain.linear_in.weight, std=d**-0.5)
         torch.nn.init.normal_(plain.linear_out.weight, std=h**-0.5)
     cfg = TTTConfig(chunk_size=C, eta=eta, fast_form=form, target_source="hidden")
-    ttt = TTTGating.from_gating(plain, cfg)
+    ttt = InPlaceTTT.from_gating(plain, cfg)
     if device != "meta":
         with torch.no_grad():
             ttt.target_conv.normal_(std=0.1)
@@ -93,15 +93,15 @@ def run_once(module, x, op=None, amp=None):
     """One forward+backward; returns saved bytes."""
     params = list(module.parameters())
     if op is not None:
-        orig = gating_mod.ttt_chunked
-        gating_mod.ttt_chunked = op
+        orig = inplace_mod.ttt_chunked
+        inplace_mod.ttt_chunked = op
     try:
         autocast = torch.autocast(x.device.type, dtype=amp) if amp is not None else nullcontext()
         with count_saved(params) as box, autocast:
             y = module(x)
     finally:
         if op is not None:
-            gating_mod.ttt_chunked = orig
+            inplace_mod.ttt_chunked = orig
     if x.device.type != "meta":
         y.backward(torch.ones_like(y))
     return box["bytes"]
@@ -131,13 +131,13 @@ def timed(module, x, reps, op=None, amp=None):
     return statistics.median(times), saved, peak
 
 
-def set_update_math(module: TTTGating, math: str) -> None:
+def set_update_math(module: InPlaceTTT, math: str) -> None:
     """``fp32`` / ``tf32`` / ``bf16`` update math (tf32: the global matmul flag, as ``tf32: true`` sets)."""
     torch.backends.cuda.matmul.allow_tf32 = math == "tf32"
     module.config.update_precision = "bf16" if math == "bf16" else "fp32"
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--d", type=int, default=1024)
     p.add_argument("--h", type=int, default=2816)
@@ -157,7 +157,11 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="TTT update math (default: fp32, and bf16 with --amp bf16; without it they compute the same)",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     args.update = args.update or (["fp32", "bf16"] if args.amp else ["fp32"])
     torch.backends.cuda.matmul.allow_tf32 = False
     device = torch.device(args.device)
@@ -205,12 +209,16 @@ def main(argv: list[str] | None = None) -> None:
                     )
             torch.backends.cuda.matmul.allow_tf32 = False
             del plain, ttt, x
-    # Moshi-7B's real MLP shape, on the meta device: no memory is allocated, no time is measured.
+    _print_moshi7b_activations(args.eta)
+
+
+def _print_moshi7b_activations(eta: float) -> None:
+    """Moshi-7B's real MLP shape, on the meta device: no memory is allocated, no time is measured."""
     d, h, T = 4096, 11264, 3000
     print(f"\nMoshi-7B layer shape on meta (d={d}, h={h}, T={T}, B=1), activation bytes saved for backward:")
     for dtype in (torch.float32, torch.bfloat16):  # a bf16 model stands for bf16 autocast here
         for C in (256, 512):
-            plain, ttt = make_modules(d, h, C, args.eta, device="meta")
+            plain, ttt = make_modules(d, h, C, eta, device="meta")
             plain, ttt = plain.to(dtype), ttt.to(dtype)
             x = torch.empty(1, T, d, device="meta", dtype=dtype)
             mp = run_once(plain, x)

@@ -41,7 +41,7 @@ def split_paths(out: Path, n: int) -> list[Path]:
     return [out.with_name(f"{out.stem}.{i:0{width}d}{out.suffix}") for i in range(1, n + 1)]
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", type=Path)
     p.add_argument("--dry-run", action="store_true", help="list the points and whether they are done")
@@ -61,63 +61,57 @@ def main() -> int:
         "--wandb-split", action="store_true", help="a union of grids: one wandb sweep file per grid"
     )
     p.add_argument("--nproc", type=int, default=1, help="processes per point (torchrun when > 1)")
-    args = p.parse_args()
-    if args.nproc < 1:
-        p.error("--nproc must be >= 1")
+    return p
+
+
+def _error(message: str) -> int:
+    print(f"sweep error: {message}", file=sys.stderr)
+    return 2
+
+
+def _write_wandb_sweeps(sweep: Sweep, args: argparse.Namespace, points: int) -> int:
     try:
-        sweep = Sweep.load(args.sweep)
-    except (ConfigError, ValueError) as e:
-        print(f"sweep error: {e}", file=sys.stderr)
-        return 2
-    runs = sweep.runs()
-    if args.count:
-        print(len(runs))
-        return 0
-    if args.wandb_sweep:
-        try:
-            definitions = sweep.wandb_sweeps(args.sweep, args.nproc, split=args.wandb_split)
-        except ConfigError as e:
-            print(f"sweep error: {e}", file=sys.stderr)
-            return 2
-        paths = (
-            [args.wandb_sweep] if len(definitions) == 1 else split_paths(args.wandb_sweep, len(definitions))
-        )
-        for path, definition in zip(paths, definitions):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(yaml.safe_dump(definition, sort_keys=False))
-        print(f"wrote {', '.join(map(str, paths))} ({len(runs)} points)")
-        print(
-            "from the repository root: `wandb sweep FILE` for each, then `wandb agent <sweep id>` (on any number of machines)"
-        )
-        return 0
-    if args.array_index is not None:
-        if not 0 <= args.array_index < len(runs):
-            print(
-                f"sweep error: --array-index {args.array_index}: this sweep has points 0..{len(runs) - 1}",
-                file=sys.stderr,
-            )
-            return 2
-        run = runs[args.array_index]
-        runner = subprocess_runner(sweep, args.nproc, program=ROOT / "train.py", echo=True)
-        try:
-            result = sweep.run_point(run, runner)
-        except ConfigError as e:
-            print(f"sweep error: {e}", file=sys.stderr)
-            return 2
-        return exit_status(result)
-    if args.dry_run or args.print_commands:
-        for r in runs:
-            state = sweep.status(r)
-            if args.print_commands:
-                if not (args.unfinished and state == "done"):
-                    print(shell_line(sweep.command(r, args.nproc, python="python")))
-            else:
-                print(f"{r.index:3d} {state:8s} {r.name}  ->  {r.run_dir}")
-        if args.dry_run:
-            print(
-                f"{len(runs)} runs in {sweep.out_dir}; metric {sweep.metric} ({sweep.goal or 'goal unknown'})"
-            )
-        return 0
+        definitions = sweep.wandb_sweeps(args.sweep, args.nproc, split=args.wandb_split)
+    except ConfigError as e:
+        return _error(str(e))
+    paths = [args.wandb_sweep] if len(definitions) == 1 else split_paths(args.wandb_sweep, len(definitions))
+    for path, definition in zip(paths, definitions):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(definition, sort_keys=False))
+    print(f"wrote {', '.join(map(str, paths))} ({points} points)")
+    print(
+        "from the repository root: `wandb sweep FILE` for each, then `wandb agent <sweep id>` (on any number of machines)"
+    )
+    return 0
+
+
+def _run_one(sweep: Sweep, runs: list, args: argparse.Namespace) -> int:
+    """One point of a job array (``--array-index``)."""
+    if not 0 <= args.array_index < len(runs):
+        return _error(f"--array-index {args.array_index}: this sweep has points 0..{len(runs) - 1}")
+    runner = subprocess_runner(sweep, args.nproc, program=ROOT / "train.py", echo=True)
+    try:
+        result = sweep.run_point(runs[args.array_index], runner)
+    except ConfigError as e:
+        return _error(str(e))
+    return exit_status(result)
+
+
+def _list(sweep: Sweep, runs: list, args: argparse.Namespace) -> int:
+    """``--dry-run`` (the points and their state) or ``--print-commands`` (one command per point)."""
+    for r in runs:
+        state = sweep.status(r)
+        if args.print_commands:
+            if not (args.unfinished and state == "done"):
+                print(shell_line(sweep.command(r, args.nproc, python="python")))
+        else:
+            print(f"{r.index:3d} {state:8s} {r.name}  ->  {r.run_dir}")
+    if args.dry_run:
+        print(f"{len(runs)} runs in {sweep.out_dir}; metric {sweep.metric} ({sweep.goal or 'goal unknown'})")
+    return 0
+
+
+def _run_and_collect(sweep: Sweep, args: argparse.Namespace) -> int:
     failed = []
     if not args.collect:
         results = sweep.run_all(subprocess_runner(sweep, args.nproc, program=ROOT / "train.py"))
@@ -130,6 +124,28 @@ def main() -> int:
         print(f"best {sweep.metric} ({sweep.goal}): {best['run']} = {best[sweep.metric]:.4g}")
     print("wrote " + ", ".join(map(str, paths)))
     return 1 if failed else 0
+
+
+def main() -> int:
+    p = _parser()
+    args = p.parse_args()
+    if args.nproc < 1:
+        p.error("--nproc must be >= 1")
+    try:
+        sweep = Sweep.load(args.sweep)
+    except (ConfigError, ValueError) as e:
+        return _error(str(e))
+    runs = sweep.runs()
+    if args.count:
+        print(len(runs))
+        return 0
+    if args.wandb_sweep:
+        return _write_wandb_sweeps(sweep, args, len(runs))
+    if args.array_index is not None:
+        return _run_one(sweep, runs, args)
+    if args.dry_run or args.print_commands:
+        return _list(sweep, runs, args)
+    return _run_and_collect(sweep, args)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.audio import FRAME_RATE
-from ..schema import ConfigError
+from ..schema import ConfigError, flatten
 
 CONVERTER = "python scripts/from_moshi_finetune.py"
 
@@ -121,18 +121,11 @@ KEYS: dict[str, tuple[str | None, str]] = {
     "param_dtype": ("precision", "auto: bf16 autocast on GPU with float32 trainable weights; float32: fp32"),
 }
 
+# Sections read as one key when a YAML file is flattened (free-form mappings; an empty section too).
+FREE_FORM = ("model.tiny",)
+
 # Keys only a moshi-finetune config has at its top level: a file with any of them is one.
 _STRUCTURAL = {"moshi_paths", "full_finetuning", "first_codebook_weight_multiplier", "do_eval", "do_ckpt"}
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v and prefix + k not in ("model.tiny",):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def _hint(key: str) -> str:
@@ -164,7 +157,7 @@ def refuse_moshi_finetune_keys(
     """ConfigError if ``file_data`` (a YAML file) or ``overrides`` use moshi-finetune keys that config
     class ``schema`` does not have: a whole moshi-finetune file gets the converter's command, single
     keys get this project's name for them."""
-    in_file = [k for k in _flatten(file_data) if k in KEYS and not schema_has(schema, k)]
+    in_file = [k for k in flatten(file_data, whole=FREE_FORM) if k in KEYS and not schema_has(schema, k)]
     in_overrides = [k for k in (overrides or {}) if k in KEYS and not schema_has(schema, k)]
     if in_file and source is not None:
         top = {k.split(".")[0] for k in in_file}
@@ -191,6 +184,8 @@ class Conversion:
     differs: list[str] = field(default_factory=list)  # behaviour that is not the same
     added: list[str] = field(default_factory=list)  # settings moshi-finetune has no key for
     warnings: list[str] = field(default_factory=list)  # to check in the output (paths not found)
+    given: dict[str, Any] = field(default_factory=dict, repr=False)  # the moshi-finetune keys, flattened
+    values: dict[str, Any] = field(default_factory=dict, repr=False)  # every key, defaults filled in
 
     def set(self, key: str, value: Any) -> None:
         node = self.config
@@ -198,6 +193,12 @@ class Conversion:
         for p in parents:
             node = node.setdefault(p, {})
         node[last] = value
+
+    def map(self, mf_key: str, our_key: str, value: Any, note: str = "") -> None:
+        """Set ``our_key`` and report it as mapped from ``mf_key`` (or from its default)."""
+        self.set(our_key, value)
+        given = "" if mf_key in self.given else " (moshi-finetune's default)"
+        self.mapped.append(f"{mf_key} -> {our_key}: {value!r}{given}" + (f"  [{note}]" if note else ""))
 
     def report(self) -> str:
         parts = []
@@ -261,7 +262,7 @@ def convert(mf: dict[str, Any], *, mf_root: str | Path = ".", cache_dir: str | N
     ``first_codebook_weight_multiplier`` is 1.0 there and is written as 1.0 here.
     """
     root = Path(mf_root).expanduser().resolve()
-    flat = _flatten(mf)
+    flat = flatten(mf, whole=FREE_FORM)
     conv = Conversion()
     unknown = sorted(k for k in flat if k not in MF_DEFAULTS and k != "world_size")
     for k in unknown:
@@ -271,14 +272,20 @@ def convert(mf: dict[str, Any], *, mf_root: str | Path = ".", cache_dir: str | N
             "wandb.key: the file holds a Weights & Biases API key; this project never reads keys from "
             "config files. Remove it from the file and export WANDB_API_KEY in the environment instead"
         )
-    v = {k: flat.get(k, d) for k, d in MF_DEFAULTS.items()}
+    conv.given, conv.values = flat, {k: flat.get(k, d) for k, d in MF_DEFAULTS.items()}
+    _run(conv)
+    lora_on = _mode(conv)
+    _model(conv, root)
+    _data(conv, root, cache_dir)
+    _optim(conv)
+    _checkpoints(conv, lora_on)
+    _wandb(conv)
+    return conv
 
-    def mapped(mf_key: str, our_key: str, value: Any, note: str = "") -> None:
-        conv.set(our_key, value)
-        given = "" if mf_key in flat else " (moshi-finetune's default)"
-        conv.mapped.append(f"{mf_key} -> {our_key}: {value!r}{given}" + (f"  [{note}]" if note else ""))
 
-    # -- run
+def _run(conv: Conversion) -> None:
+    """The run keys."""
+    v, flat, mapped = conv.values, conv.given, conv.map
     if not v["run_dir"]:
         raise ConfigError("run_dir: the moshi-finetune config has none (it is required there too)")
     mapped("run_dir", "run_dir", v["run_dir"])
@@ -289,7 +296,10 @@ def convert(mf: dict[str, Any], *, mf_root: str | Path = ".", cache_dir: str | N
     mapped("num_microbatches", "grad_accum", v["num_microbatches"])
     mapped("log_freq", "log_interval", v["log_freq"])
 
-    # -- fine-tuning mode
+
+def _mode(conv: Conversion) -> bool:
+    """The fine-tuning mode keys."""
+    v, flat, mapped = conv.values, conv.given, conv.map
     lora_on, full = bool(v["lora.enable"]), bool(v["full_finetuning"])
     if lora_on == full:
         raise ConfigError(
@@ -306,8 +316,12 @@ def convert(mf: dict[str, Any], *, mf_root: str | Path = ".", cache_dir: str | N
             conv.differs.append(f"lora.ft_embed: {KEYS['lora.ft_embed'][1]}")
     elif any(k.startswith("lora.") and k != "lora.enable" for k in flat):
         conv.unmapped.append("lora.rank / lora.scaling / lora.ft_embed: unused with full_finetuning")
+    return lora_on
 
-    # -- model
+
+def _model(conv: Conversion, root: Path) -> None:
+    """The model keys."""
+    v, mapped = conv.values, conv.map
     paths = {
         k: _resolve_path(v[f"moshi_paths.{k}"], root)
         for k in ("moshi_path", "config_path", "mimi_path", "tokenizer_path")
@@ -349,7 +363,10 @@ def convert(mf: dict[str, Any], *, mf_root: str | Path = ".", cache_dir: str | N
             "runs the forward in bf16; here trainable weights are float32 under bf16 autocast"
         )
 
-    # -- data
+
+def _data(conv: Conversion, root: Path, cache_dir: str | None) -> None:
+    """The data keys."""
+    v, mapped = conv.values, conv.map
     conv.set("data.source", "manifest")
     train = (
         _manifest(str(v["data.train_data"]), "data.train_data", root, conv) if v["data.train_data"] else None
@@ -412,7 +429,10 @@ def convert(mf: dict[str, Any], *, mf_root: str | Path = ".", cache_dir: str | N
         f"data.cache_dir: {cache_dir!r} (Mimi codes, encoded once: scripts/encode_codes.py; --cache-dir)"
     )
 
-    # -- optimisation
+
+def _optim(conv: Conversion) -> None:
+    """The optimisation keys."""
+    v, mapped = conv.values, conv.map
     mapped("optim.lr", "optim.lr", float(v["optim.lr"]))
     mapped("optim.weight_decay", "optim.weight_decay", float(v["optim.weight_decay"]))
     conv.differs.append(f"optim.weight_decay: {KEYS['optim.weight_decay'][1]}")
@@ -426,7 +446,10 @@ def convert(mf: dict[str, Any], *, mf_root: str | Path = ".", cache_dir: str | N
         "them 1e-4: --optim.ttt_params_lr=1e-4)"
     )
 
-    # -- evaluation and checkpoints
+
+def _checkpoints(conv: Conversion, lora_on: bool) -> None:
+    """The evaluation and checkpoints keys."""
+    v, mapped = conv.values, conv.map
     mapped("eval_freq", "eval.interval", max(0, int(v["eval_freq"])))
     conv.set("eval.num_batches", 40)
     conv.differs.append(
@@ -450,10 +473,12 @@ def convert(mf: dict[str, Any], *, mf_root: str | Path = ".", cache_dir: str | N
         "checkpoints/checkpoint_NNNNNN/consolidated/; resumable (optimizer, schedule, data position)"
     )
 
-    # -- wandb
+
+def _wandb(conv: Conversion) -> None:
+    """The wandb keys."""
+    v, mapped = conv.values, conv.map
     if v["wandb.project"]:
         mapped("wandb.project", "wandb.project", v["wandb.project"])
         mapped("wandb.offline", "wandb.mode", "offline" if v["wandb.offline"] else "online")
         if v["wandb.run_name"]:
             mapped("wandb.run_name", "wandb.run_name", v["wandb.run_name"])
-    return conv

@@ -116,20 +116,7 @@ class RecallTask(Dataset):
             )
         if need > text_card:
             raise ValueError(f"recall task needs {need} text ids, model has {text_card}")
-        if audio not in AUDIO_MODES:
-            raise ValueError(f"recall task: audio must be one of {', '.join(AUDIO_MODES)}, got {audio!r}")
-        if audio == "bank":
-            if not audio_bank or any(a.dim() != 2 or a.shape[0] != n_q for a in audio_bank):
-                shapes = None if audio_bank is None else [tuple(a.shape) for a in audio_bank[:3]]
-                raise ValueError(
-                    f"recall task: audio 'bank' needs audio_bank, a list of [n_q={n_q}, frames] code streams, "
-                    f"got {shapes}"
-                )
-            short = min(a.shape[1] for a in audio_bank)
-            if short < num_frames:
-                raise ValueError(
-                    f"recall task: an audio bank stream has {short} frames, need at least {num_frames}"
-                )
+        _check_audio(audio, audio_bank, n_q, num_frames)
         if not 0.0 <= filler_rate <= 1.0:
             raise ValueError(f"recall task: filler_rate must be in [0, 1], got {filler_rate}")
         if pairs > num_keys:
@@ -376,6 +363,24 @@ class RecallTask(Dataset):
             for start, w in spoken:  # the other speaker's codebooks: rows dep_q .. n_q - 1
                 audio[self.dep_q :, start : start + w.shape[1]] = w
         return torch.cat([text[None], audio], 0)
+
+
+def _check_audio(audio: str, audio_bank: list[torch.Tensor] | None, n_q: int, num_frames: int) -> None:
+    """The recall task's audio arguments: a known mode, and for ``bank`` streams long enough."""
+    if audio not in AUDIO_MODES:
+        raise ValueError(f"recall task: audio must be one of {', '.join(AUDIO_MODES)}, got {audio!r}")
+    if audio == "bank":
+        if not audio_bank or any(a.dim() != 2 or a.shape[0] != n_q for a in audio_bank):
+            shapes = None if audio_bank is None else [tuple(a.shape) for a in audio_bank[:3]]
+            raise ValueError(
+                f"recall task: audio 'bank' needs audio_bank, a list of [n_q={n_q}, frames] code streams, "
+                f"got {shapes}"
+            )
+        short = min(a.shape[1] for a in audio_bank)
+        if short < num_frames:
+            raise ValueError(
+                f"recall task: an audio bank stream has {short} frames, need at least {num_frames}"
+            )
 
 
 def _audio_bank(dataset, num_frames: int) -> list[torch.Tensor]:
