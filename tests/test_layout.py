@@ -274,3 +274,90 @@ def test_the_code_uses_no_old_name():
         if old.search(line)
     ]
     assert not found, found
+
+
+# ---------------------------------------------------------------- links and section references
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+MD_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+# `docs/long_context.md#choosing-eta`, `README` / `docs/x.md` followed by a quoted section:
+# `docs/x.md, "Section"`, `docs/x.md ("Section")`, `docs/x.md's "Section"`.
+DOC_REF = re.compile(
+    r"(?<![\w/.])(README(?:\.md)?|docs/\w+\.md)(?:#([\w-]+))?(?:(?:, | \(|'s )\"([^\"]+)\")?"
+)
+# A path in the code's folders (a part in capitals is a placeholder: scripts/NAME.py).
+CODE_PATH = re.compile(r"(?<![\w/.])((?:finetune|moshi_ttt|scripts|tests)/[\w/]+\.(?:py|sh))\b")
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def _headings(path: Path) -> tuple[set[str], set[str]]:
+    """(anchors, heading texts without backticks) of a markdown file, outside code blocks."""
+    anchors, texts, fenced = set(), set(), False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,6} ", line):
+            text = line.lstrip("#").strip()
+            anchors.add(_slug(text))
+            texts.add(text.replace("`", ""))
+    return anchors, texts
+
+
+def _doc_path(name: str) -> Path:
+    return ROOT / ("README.md" if name.startswith("README") else name)
+
+
+def _problems(path: Path) -> list[str]:
+    text, where, out = path.read_text(), path.relative_to(ROOT), []
+    if path.suffix == ".md":
+        for target in MD_LINK.findall(text):
+            if re.match(r"[a-z]+:", target):  # http(s), mailto: not checked here
+                continue
+            file, _, anchor = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            if not dest.exists():
+                out.append(f"{where}: link to {target}: {file} does not exist")
+            elif anchor and dest.suffix == ".md" and anchor not in _headings(dest)[0]:
+                out.append(f"{where}: link to {target}: no section #{anchor} in {dest.relative_to(ROOT)}")
+    for name, anchor, section in DOC_REF.findall(text):
+        dest = _doc_path(name)
+        if not dest.is_file():
+            out.append(f"{where}: {name} does not exist")
+            continue
+        anchors, texts = _headings(dest)
+        if anchor and anchor not in anchors:
+            out.append(f"{where}: {name}#{anchor}: no such section")
+        if section and section.replace("`", "") not in texts:
+            out.append(f'{where}: {name}, "{section}": no such section')
+    for ref in CODE_PATH.findall(text):
+        if not (ROOT / ref).exists() and not any(part.isupper() for part in Path(ref).with_suffix("").parts):
+            out.append(f"{where}: {ref} does not exist")
+    return out
+
+
+def test_every_link_and_section_reference_resolves():
+    """Markdown links (files and #anchors), ``docs/x.md#anchor``, ``docs/x.md, "Section"`` /
+    ``README, "Section"`` references and code paths, in README.md, docs/, configs/ and the code."""
+    sources = DOCS + CONFIGS + _sources()
+    problems = [p for path in sources for p in _problems(path)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_reference_check_catches_broken_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# A\n\n## Choosing eta\n\n```\n## not a heading\n```\n")
+    good = tmp_path / "docs" / "b.md"
+    good.write_text('[x](a.md#choosing-eta) and docs/a.md, "Choosing eta" and docs/a.md#choosing-eta\n')
+    assert _problems(good) == []
+    bad = tmp_path / "docs" / "c.md"
+    bad.write_text(
+        '[x](a.md#nope) [y](z.md) docs/a.md, "Not here" docs/a.md#not-a-heading docs/zz.md finetune/gone.py\n'
+    )
+    assert len(_problems(bad)) == 6, _problems(bad)

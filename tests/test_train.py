@@ -577,11 +577,11 @@ def test_ttt_mlp_variant_trains_resumes_and_exports(tmp_path):
     assert sorted(p.name for p in (tmp_path / "m" / "checkpoints").iterdir()) == before
 
 
-def test_readme_parameter_table_is_what_the_code_prints():
+def test_documented_parameter_table_is_what_the_code_prints():
     from finetune.training.model import build_model, param_table
 
     table = param_table(build_model(load_config(ROOT / "configs/tiny.yaml"), torch.device("cpu")).model)
-    readme = (ROOT / "README.md").read_text()
-    assert f"```\n{table}\n```" in readme, (
-        "regenerate the README's table from finetune.training.model.param_table"
+    doc = (ROOT / "docs" / "training.md").read_text()
+    assert f"```\n{table}\n```" in doc, (
+        "regenerate docs/training.md's table from finetune.training.model.param_table"
     )

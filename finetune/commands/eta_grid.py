@@ -2,7 +2,7 @@
 normalised value is near-best everywhere.
 
     python scripts/eta_grid.py runs/sweeps/eta_transfer [--metric recall_nll_far] [--out DIR] [--png PATH]
-    python scripts/eta_grid.py runs/sweeps/eta_transfer --png docs/eta_transfer.png   # the README's plot
+    python scripts/eta_grid.py runs/sweeps/eta_transfer --png docs/eta_transfer.png   # docs/long_context.md's plot
 
 For every run directory under the sweep (any seed): its width, chunk size, eta_norm and eta (from
 its config.yaml), its final eval metrics and the mean ``||z||^2`` its TTT layers logged over training

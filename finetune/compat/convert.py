@@ -65,7 +65,7 @@ MF_DEFAULTS: dict[str, Any] = {
     "run_dir": None,
 }
 
-# moshi-finetune key -> (this project's key, or None; what to know). The README's key table lists these.
+# moshi-finetune key -> (this project's key, or None; what to know). docs/moshi_finetune.md, "Key mapping", lists these.
 KEYS: dict[str, tuple[str | None, str]] = {
     "data.train_data": ("data.train", "one .jsonl manifest (no 'a.jsonl:0.7,b:0.3' mixes)"),
     "data.eval_data": ("data.eval", "evaluation runs when it is set"),

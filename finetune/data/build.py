@@ -43,7 +43,7 @@ def report_windows(cfg, model, train_set) -> None:
         logger.warning(
             "%.0f%% of the training frames are padding: the loss ignores them but every layer still "
             "computes them. Conversations are shorter than data.duration_sec; shorten the windows, or "
-            "train on longer conversations (see the README's long-context recipes)",
+            'train on longer conversations (docs/long_context.md, "Long context at Moshi scale")',
             100 * s["padding"],
         )
     if cfg.ttt.enabled and s["beyond_context"] < 0.5:

@@ -4,7 +4,7 @@ Runs a model (a training config's model: tiny, or a Moshi checkpoint; or a run's
 few batches of the config's training data, once per ``(eta_norm, eta)``, and reports per TTT layer
 the training telemetry (``moshi_ttt.layer.TELEMETRY``): the TTT term relative to the base term and
 one chunk's update relative to ``||W^(0)||``. Around 1e-6 TTT is effectively off; around 1 it acts
-beside the base term; tens swamp the layer (the README's "Choosing eta" has the recall grid's bands).
+beside the base term; tens swamp the layer (docs/long_context.md, "Choosing eta", has the recall grid's bands).
 
 At initialisation the In-Place target path gives ``V = 0``, so every ratio is 0 whatever eta is.
 The probe then opens it (``TTTLayer.probe_init``: the conv's identity tap, ``V = X_src``) and says
