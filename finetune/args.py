@@ -172,6 +172,8 @@ class RecallDataArgs:
     word_codes: str | None = field(default=None, metadata=FIXED_ON_RESUME)
     # Pairs queried beyond the receptive field (the rest within one window); null: half, rounded up.
     far_pairs: int | None = field(default=None, metadata=FIXED_ON_RESUME)
+    # Facts in audio: Moshi repeats each fact it hears in its text stream (an acknowledgement).
+    echo: bool = field(default=False, metadata=FIXED_ON_RESUME)
     # Share of the training items that are windows of the data.train conversations instead.
     conversations: float = field(default=0.0, metadata=FIXED_ON_RESUME)
 

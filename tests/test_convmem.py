@@ -163,3 +163,42 @@ def test_far_pairs_sets_how_many_facts_are_asked_beyond_the_window(facts):
         assert len(qs) == 6 and not any(q.far for q in qs)
     with pytest.raises(ValueError, match="far_pairs"):
         RecallTask(2, facts=facts, far_pairs=5, **KW)
+
+
+def test_echo_puts_each_heard_fact_in_moshis_text_before_its_answer():
+    ds = RecallTask(8, seed=4, facts="audio", echo=True, audio="markov", **KW)
+    plain = RecallTask(8, seed=4, facts="audio", audio="markov", **KW)
+    for i in range(8):
+        text, queries = ds.layout(i)
+        for q in queries:
+            key_tok = text[q.value_pos - 1]  # Moshi says the key it heard, then the value
+            assert 6 <= key_tok < 6 + ds.num_keys and text[q.value_pos] == q.value
+            anchor = q.value_pos - q.distance  # the same "key value", said after the definition
+            assert text[anchor - 1] == key_tok and text[anchor] == q.value
+            assert q.far == (q.distance >= ds.far_min)
+        assert (text != ds.pad).sum() == 4 * len(queries)  # nothing else in Moshi's text
+        _, _, spoken = _spoken(ds, i)
+        for start, w in spoken:  # the user says the facts exactly as without echo
+            assert torch.equal(ds[i][3:, start : start + w.shape[1]], w)
+        assert len(spoken) == len(_spoken(plain, i)[2])
+    with pytest.raises(ValueError, match="echo"):
+        RecallTask(2, facts="text", echo=True, **KW)
+
+
+def test_streamed_text_logits_reproduce_the_training_forward_and_free_text_feeds_back_its_own():
+    from finetune.research.long_context import stream_text_logits
+
+    lm = build_tiny_lm(dim=32, num_layers=2, context=8, n_q=4, dep_q=2)
+    lm.eval()
+    codes = RecallTask(2, seed=0, facts="audio", audio="markov", **KW)[0][None, :, :40].repeat(2, 1, 1)
+    codes[1, 0] = torch.randint(0, 100, (40,))  # another text stream in the second row
+    with torch.no_grad():
+        forced = stream_text_logits(lm, codes, free_text=False)
+        want = lm(codes).text_logits[:, 0].float()
+        torch.testing.assert_close(forced, want, rtol=1e-4, atol=1e-4)
+        free = stream_text_logits(lm, codes)
+        # Free text: the second row's data text does not matter any more, only its audio.
+        other = codes.clone()
+        other[:, 0] = 3
+        torch.testing.assert_close(free, stream_text_logits(lm, other), rtol=0, atol=0)
+        assert not torch.allclose(free[1], forced[1])

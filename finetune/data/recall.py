@@ -38,6 +38,10 @@ Where the facts are stated (``facts``):
   every sequence; a definition is ``DEF key value`` and a query ``QRY key`` in the user's audio, and
   Moshi answers the value in its text stream one frame after the query's key has fully arrived (its
   delayed codebooks included). The text stream holds PAD except the answers;
+- with ``echo``, Moshi repeats each fact it hears in its own text stream (``key value`` after a
+  definition, ``key`` before its answer), as Moshi acknowledges what it is told in conversation;
+  scored with Moshi's own text (``scripts/eval_long_context.py --free-text``), the echo must come
+  from what Moshi heard, not from the data;
 - ``speech``: as ``audio``, with each symbol a spoken word: the Mimi codes of that word as espeak
   says it (``word_codes``, made by ``scripts/make_word_codes.py`` with the Mimi of the data), so
   patterns differ in length from word to word.
@@ -104,11 +108,15 @@ class RecallTask(Dataset):
         pattern_frames: int = 2,
         word_codes: list[torch.Tensor] | None = None,
         far_pairs: int | None = None,
+        echo: bool = False,
     ) -> None:
         need = FIRST_KEY + num_keys + num_values + (num_fillers if filler_rate > 0 else 0)
         if facts not in FACT_MODES:
             raise ValueError(f"recall task: facts must be one of {', '.join(FACT_MODES)}, got {facts!r}")
         self.facts = facts
+        if echo and facts == "text":
+            raise ValueError("recall task: echo repeats facts stated in audio in Moshi's text; facts is text")
+        self.echo = echo
         self.dep_q = n_q // 2 if dep_q is None else dep_q
         if facts != "text":
             self._symbols = self._spoken_symbols(
@@ -196,7 +204,8 @@ class RecallTask(Dataset):
         codebooks + the answer frame) in frames."""
         lk = max(w.shape[1] for w in self._symbols[2 : 2 + self.num_keys])
         lv = max(w.shape[1] for w in self._symbols[2 + self.num_keys :])
-        return self._word("def").shape[1] + lk + lv, self._word("qry").shape[1] + lk + 2
+        e = 3 if self.echo else 0  # a frame for the delayed codebooks, then "key value" in text
+        return self._word("def").shape[1] + lk + lv + e, self._word("qry").shape[1] + lk + 2 + self.echo
 
     def _check_spoken_fits(self, d: int, q: int) -> None:
         num_frames, context, pairs = self.num_frames, self.context, self.pairs
@@ -235,21 +244,28 @@ class RecallTask(Dataset):
             return int(torch.randint(lo, hi + 1, (1,), generator=g))
 
         def define(p: int, i: int) -> int:
-            """Say ``DEF key value`` from frame ``p``; returns the value's last frame."""
+            """Say ``DEF key value`` from frame ``p`` (with ``echo``, Moshi then says ``key value`` in
+            its text); returns the fact's last frame."""
             for w in (self._word("def"), self._word("key", keys[i]), self._word("value", values[i])):
                 spoken.append((p, w))
                 p += w.shape[1]
-            return p - 1
+            if not self.echo:
+                return p - 1
+            text[p + 1 : p + 3] = torch.tensor([FIRST_KEY + keys[i], self.first_value + values[i]])
+            return p + 2
 
         def query_len(i: int) -> int:
-            return self._word("qry").shape[1] + self._word("key", keys[i]).shape[1] + 2
+            return self._word("qry").shape[1] + self._word("key", keys[i]).shape[1] + 2 + self.echo
 
         def ask(q: int, i: int, anchor: int, far: bool) -> int:
-            """Say ``QRY key`` from frame ``q``; Moshi answers in text; returns the answer's frame."""
+            """Say ``QRY key`` from frame ``q``; Moshi answers in text (with ``echo``: ``key value``);
+            returns the answer's frame."""
             for w in (self._word("qry"), self._word("key", keys[i])):
                 spoken.append((q, w))
                 q += w.shape[1]
-            answer = q + 1  # the key's delayed codebooks arrive one frame later
+            answer = q + 1 + self.echo  # the key's delayed codebooks arrive one frame later
+            if self.echo:
+                text[answer - 1] = FIRST_KEY + keys[i]
             text[answer] = self.first_value + values[i]
             queries.append(Query(answer, answer - anchor, self.first_value + values[i], far))
             return answer
@@ -459,6 +475,7 @@ def recall_datasets(cfg, model):
         pattern_frames=r.pattern_frames,
         word_codes=word_codes,
         far_pairs=r.far_pairs,
+        echo=r.echo,
     )
     try:
         train = RecallTask(r.num_train, seed=cfg.seed, audio_bank=banks[0], **common)
