@@ -255,6 +255,10 @@ def test_old_names_resolve_with_a_deprecation_warning():
     with pytest.warns(DeprecationWarning):
         from moshi_ttt.gating import TTTGating
     assert TTTGating is InPlaceTTT
+    from finetune.data import build, manifest
+
+    with pytest.warns(DeprecationWarning, match="finetune.data.build.resolve_assets moved to"):
+        assert build.resolve_assets is manifest.resolve_assets
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         moshi_ttt.nope  # noqa: B018
 

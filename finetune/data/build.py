@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 
+from moshi_ttt.deprecation import moved_attributes
+
 from .manifest import conversation_datasets
 from .recall import recall_datasets
 from .synthetic import synthetic_datasets
@@ -54,3 +56,14 @@ def report_windows(cfg, model, train_set) -> None:
             100 * s["beyond_context"],
             context,
         )
+
+
+# Moved to finetune.data.manifest (issue 24): the old names work with a DeprecationWarning until the
+# next release.
+__getattr__ = moved_attributes(
+    __name__,
+    {
+        name: f"finetune.data.manifest:{name}"
+        for name in ("resolve_assets", "load_tokenizer", "num_codebooks", "config_num_codebooks")
+    },
+)
