@@ -22,6 +22,8 @@ from moshi_ttt import TTTConfig, apply_ttt
 from moshi_ttt.ops import ttt_chunked, ttt_reference
 from moshi_ttt.tiny import build_tiny_lm
 
+pytestmark = pytest.mark.numerics  # precision modes against each other and a float64 reference
+
 U = 2.0**-8
 
 

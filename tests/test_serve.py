@@ -235,13 +235,15 @@ def _slot_schedule(batch, jobs: dict, p_active: float, seed: int) -> dict:
     return {k: (t, np.concatenate(v), torch.stack(lg), w) for k, (t, v, lg, w) in out.items()}
 
 
+@pytest.mark.numerics
 def test_slot_batch_masks_and_resets_keep_slots_independent(tiny_ckpt, voices, tiny_ds):
     """At the model level: random exec masks (slots stepping at random moments), a slot reset for a
-    new caller while the other slot is mid-conversation; each conversation equals itself alone in
-    the same slot, bit for bit: text logits before sampling, tokens, voice and final fast weights.
-    Exact by construction (whole-batch steps, ``torch.where`` masks, per-slot TTT updates); the random
-    schedule makes chunk ends coincide with the other slot's or not (a batched update over the slots
-    that happened to finish together once rounded differently with MKL's AVX2 kernels)."""
+    new caller while the other slot is mid-conversation, and both slots in lockstep (their chunks end
+    on the same steps); each conversation equals itself alone in the same slot, bit for bit: text
+    logits before sampling, tokens, voice and final fast weights. Exact by construction (whole-batch
+    steps, ``torch.where`` masks, per-slot TTT updates). The lockstep run is the one that caught a
+    batched update over the slots that finished a chunk together: with MKL's AVX2 kernels
+    (``make test-avx2``) it rounded differently from a slot's update alone."""
     from finetune.inference import load_checkpoint_model
     from finetune.serve import SlotBatch
 
@@ -254,12 +256,15 @@ def test_slot_batch_masks_and_resets_keep_slots_independent(tiny_ckpt, voices, t
     batch = SlotBatch(loaded.lm, loaded.mimi, 2, Sampling(greedy=True))
     try:
         mixed = _slot_schedule(batch, {0: [x, a], 1: [b]}, p_active=0.6, seed=0)
+        lockstep = _slot_schedule(batch, {0: [a], 1: [b]}, p_active=1.0, seed=0)
         alone_a = _slot_schedule(batch, {0: [a]}, p_active=1.0, seed=0)[(0, 0)]
         alone_b = _slot_schedule(batch, {1: [b]}, p_active=1.0, seed=0)[(1, 0)]
     finally:
         batch.close()
     assert len(alone_a[0]) == 24 - batch.max_delay
-    for together, alone in ((mixed[(0, 1)], alone_a), (mixed[(1, 0)], alone_b)):
+    pairs = [(mixed[(0, 1)], alone_a), (mixed[(1, 0)], alone_b)]
+    pairs += [(lockstep[(0, 0)], alone_a), (lockstep[(1, 0)], alone_b)]
+    for together, alone in pairs:
         assert together[0] == alone[0]
         assert np.array_equal(together[1], alone[1])
         assert torch.equal(together[2], alone[2])
@@ -287,6 +292,7 @@ def test_conversation_gets_voice_and_text_back(tiny_ckpt, voices):
     assert set(reply.text) <= vocab
 
 
+@pytest.mark.numerics
 def test_concurrent_conversations_equal_each_alone(tiny_ckpt, voices):
     """Fast weights (and everything else) are per slot: two conversations at once, one of them pausing
     mid-way while the other goes on, get exactly what each gets alone in the same slot. Exact by
@@ -329,6 +335,7 @@ def test_concurrent_conversations_equal_each_alone(tiny_ckpt, voices):
     assert not np.array_equal(alone_a.pcm, frozen_a.pcm)
 
 
+@pytest.mark.numerics
 def test_reconnect_and_dropped_client_start_from_a_reset_slot(tiny_ckpt, voices):
     async def main():
         a, other = voices
@@ -351,6 +358,7 @@ def test_reconnect_and_dropped_client_start_from_a_reset_slot(tiny_ckpt, voices)
     assert same(fresh, after_drop)
 
 
+@pytest.mark.numerics
 def test_moshi_client_works_unchanged(tiny_ckpt, voices, monkeypatch):
     """moshi 0.2.13's own command-line client (``moshi.client.Connection``, its sound devices replaced by
     stand-ins that this test drives frame by frame) gets the same voice and text as the client above."""

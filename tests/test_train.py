@@ -194,6 +194,7 @@ def test_loss_decreases_and_checkpoint_layout(tmp_path, capsys):
     assert re.search(r"step 30 \| ttt/base L1 \d\.\de[-+]\d\d .*\| dW/W0 L1 ", capsys.readouterr().out)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_resume_equals_straight_run(tmp_path, mode):
     over = {"finetune": mode, "grad_accum": 2}
@@ -296,6 +297,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
     assert [r["in_a_row"] for r in rec if r["kind"] == "skip"] == [1, 2, 3]
 
 
+@pytest.mark.numerics
 def test_bf16_autocast_on_cpu_trains_with_either_update_precision(tmp_path):
     """precision: bf16 runs CPU autocast (how the recall task checks bf16 update math on CPU), with
     either update precision. What the setting changes is tested on one gating, where its effect is
@@ -424,6 +426,7 @@ def _run(args, nproc=1):
     return res
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, strategy):
     one, two = tmp_path / "one", tmp_path / "two"
