@@ -208,10 +208,12 @@ def save_checkpoint(
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
     # Per process: RNG and data position (ranks skip bad items independently).
     torch.save({**_rng_state(), "data": data_state}, tmp / "rng" / f"rank_{dist_info.rank}.pt")
+    barrier()  # every rank's files are written before rank 0 commits (meta.json, rename)
     full_sd = _gather_for_export(model, cfg) if fsdp else None
     if dist_info.is_main:
         if not fsdp:
-            save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+            # The names of the model itself, not DDP's ``module.`` ones: resumable with any process count's wrapper.
+            save_file(_trainable_state(_unwrap(model)), str(tmp / "trainable.safetensors"))
             state = {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -526,6 +528,8 @@ def _restore(point: ResumePoint, model: nn.Module, optimizer: torch.optim.Optimi
             saved = load_file(str(weights))
         except Exception as e:
             raise CheckpointError(weights, _reason(e)) from None
+        if saved and all(k.startswith("module.") for k in saved):  # written under DDP by an earlier version
+            saved = {k.removeprefix("module."): v for k, v in saved.items()}
         params = dict(_unwrap(model).named_parameters())
         expected = {n for n, p in params.items() if p.requires_grad}
         if set(saved) != expected:
