@@ -180,7 +180,7 @@ class PeerWatch:
     barrier): collectives give up after it too.
     """
 
-    def __init__(self, rank: int, world_size: int, timeout_sec: float, store=None) -> None:
+    def __init__(self, rank: int, world_size: int, timeout_sec: float) -> None:
         self.rank, self.timeout = rank, timeout_sec
         self.interval = heartbeat_interval(timeout_sec)
         self.peers = [r for r in range(world_size) if r != rank]
@@ -190,11 +190,10 @@ class PeerWatch:
         self.store_where = f"{host}:{port}"
         agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
         self.store_host = "torchrun's agent on the first machine" if agent else "rank 0"
-        if store is None:  # a connection of its own: the main thread's never waits behind a heartbeat
-            store = dist.TCPStore(
-                host, port, is_master=False, timeout=timedelta(seconds=max(30.0, timeout_sec))
-            )
-        self._store = store
+        # A connection of its own: the main thread's store calls never wait behind a heartbeat.
+        self._store = dist.TCPStore(
+            host, port, is_master=False, timeout=timedelta(seconds=max(30.0, timeout_sec))
+        )
         now = time.monotonic()
         self._lock = threading.Lock()
         self.beats = {r: 0 for r in self.peers}
