@@ -518,3 +518,36 @@ def test_static_web_ui_and_cli_errors(tiny_ckpt, tmp_path, monkeypatch):
     assert index == (200, "<html>moshi web UI</html>") and asset == (200, "console.log('ok')")
     assert serve_main([str(tmp_path / "nope"), "--static", "none"]) == 2
     assert serve_main([str(tiny_ckpt), "--static", str(tmp_path / "missing")]) == 2
+
+
+def test_under_load_no_slot_leaks_and_every_client_gets_its_answer(tiny_ckpt, tmp_path):
+    """The short version of scripts/load_serve.py (the full one: 40 clients over 5 minutes, figures in
+    the README): 12 clients over 20 s against 4 slots, every role (talking, reading slowly, dropping
+    mid-stream, a bad message, going silent) and a burst of 6 at once, against the real server process."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "load.json"
+    res = subprocess.run(
+        [sys.executable, "scripts/load_serve.py", str(tiny_ckpt), "--clients", "12", "--duration", "20"]
+        + ["--json", str(out), "--log", str(tmp_path / "server.log")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr + (tmp_path / "server.log").read_text()[-3000:]
+    r = json.loads(out.read_text())
+    assert all(r["checks"].values()) and r["clients"] == 12
+    assert r["refused"] >= 2 and r["refused_with_busy_message"] == r["refused"]  # the burst: 6 for 4 slots
+    assert all(n >= 1 for n in r["admitted_by_role"].values()), r["admitted_by_role"]  # every role was served
+    assert r["good_with_audio_and_text"] == r["good"] >= 3
+    assert r["slots_free_at_end"] == 4 and r["one_more_refused_at_end"]
+    assert r["server_log"]["connected"] == r["server_log"]["left"] == r["admitted"]
+    # Flat memory: what one more conversation costs is its Opus codecs and queues (kilobytes); 32 MiB over
+    # a dozen conversations would be a leak of megabytes per conversation.
+    assert r["rss_mib"]["end"] - r["rss_mib"]["start"] < 32, r["rss_mib"]
+    assert "all checks hold" in res.stdout
