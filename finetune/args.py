@@ -285,6 +285,14 @@ class DistributedArgs:
     # Used when launched with more than one process. Fixed on resume: FSDP checkpoints hold dcp shards.
     strategy: Literal["ddp", "fsdp"] = field(default="ddp", metadata=FIXED_ON_RESUME)
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPU, gloo on CPU
+    # A process silent (dead or hung) this long ends the run, naming its rank; collectives wait at most
+    # this long plus three heartbeats. Must exceed the longest wait of one rank for another in a healthy
+    # run (rank 0 writing a checkpoint). See finetune.training.distributed.PeerWatch.
+    timeout_sec: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not self.timeout_sec >= 1:
+            raise ConfigError(f"distributed.timeout_sec: must be >= 1 second (got {self.timeout_sec})")
 
 
 @dataclass

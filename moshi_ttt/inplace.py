@@ -413,16 +413,16 @@ class InPlaceTTT(TTTLayer[InPlaceState]):
         return torch.baddbmm(base_term(z, state.w0).float(), zf, state.delta.transpose(1, 2))
 
     def _apply_update(self, state: InPlaceState, done: torch.Tensor) -> None:
-        """W^(i) = W^(i-1) + eta V[i]^T Z[i] for the elements in ``done``."""
+        """W^(i) = W^(i-1) + eta V[i]^T Z[i] for the elements in ``done``.
+
+        One element at a time, with the same shapes whichever others complete a chunk on this step:
+        a batched product over the elements that happen to be done together rounds differently on
+        some CPUs (MKL's AVX2 GEMM blocks ``[k C, d]`` and ``[C, d]`` differently), which made a
+        served conversation's fast weights depend on the other slots' timing."""
         eta = self.config.eta
-        if bool(done.all()):
-            v = self.update_target(state.buf_src, state.buf_z).float()  # [B, C, d] over the whole chunk
-            state.delta.baddbmm_(v.transpose(1, 2), state.buf_z, alpha=eta)  # in place
-        else:
-            idx = done.nonzero().flatten().tolist()
-            v = self.update_target(state.buf_src[idx], state.buf_z[idx]).float()  # [k, C, d]
-            for j, b in enumerate(idx):
-                state.delta[b].addmm_(v[j].t(), state.buf_z[b], alpha=eta)
+        for b in done.nonzero().flatten().tolist():
+            v = self.update_target(state.buf_src[b : b + 1], state.buf_z[b : b + 1]).float()  # [1, C, d]
+            state.delta[b].addmm_(v[0].t(), state.buf_z[b], alpha=eta)
 
     def _forward_stream(self, x: torch.Tensor, src: torch.Tensor, state: InPlaceState) -> torch.Tensor:
         if state.graph_steps:  # graph-mode steps ran before this eager call

@@ -211,6 +211,7 @@ def test_a_variants_own_settings_are_declared_with_it_and_join_the_config():
     assert not torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("variant", ALL)
 def test_identity_at_init_in_training_and_streaming(variant):
     base, model = make(variant)
@@ -233,6 +234,7 @@ def test_identity_at_init_in_training_and_streaming(variant):
     # A multi-step piece is exact only when moshi's ring KV cache covers it and its history: context 64.
     [(16, [1] * 45), (64, [3, 7, 1, 13, 2, 19])],
 )
+@pytest.mark.numerics
 def test_streaming_equals_the_full_forward(variant, context, pieces):
     _, model = make(variant, context=context)
     perturb(model)
@@ -259,6 +261,7 @@ def _graph_steps(model, seq):
     return torch.cat(outs, 2)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("variant", ALL)
 def test_one_switch_turns_updates_off_in_every_forward_path(variant):
     _, model = make(variant)

@@ -33,6 +33,7 @@ def _outputs(model, codes):
     return out.logits[out.mask], out.text_logits[out.text_mask]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("source", TARGET_SOURCES)
 def test_equals_base_model_at_init_bit_for_bit(source):
     base, model = make(source)
@@ -46,6 +47,7 @@ def test_equals_base_model_at_init_bit_for_bit(source):
     assert not torch.allclose(a[0], c[0]) and not torch.allclose(a[1], c[1])
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("setting", ["bf16 model", "bf16 autocast"])
 def test_equals_base_model_at_init_bit_for_bit_in_bf16(setting):
     dtype = torch.bfloat16 if setting == "bf16 model" else torch.float32
@@ -110,6 +112,7 @@ def _stream(model, seq, pieces):
         (64, [3, 7, 1, 13, 2, 19]),
     ],
 )
+@pytest.mark.numerics
 def test_streaming_equals_full_forward(source, context, pieces):
     base = build_tiny_lm(context=context, **user_streams(source))
     model = apply_ttt(base, TTTConfig(chunk_size=C, eta=0.05, layers=[0, 2], target_source=source))
@@ -146,6 +149,7 @@ def test_streaming_updates_once_per_completed_chunk():
         assert torch.equal(gating.w_down, gating._streaming_state.w0)
 
 
+@pytest.mark.numerics
 def test_reset_one_element_leaves_the_other_and_equals_fresh_stream():
     _, model = make()
     randomize_ttt(model)
@@ -169,6 +173,7 @@ def test_reset_one_element_leaves_the_other_and_equals_fresh_stream():
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.numerics
 def test_exec_mask_freezes_masked_elements():
     _, model = make()
     randomize_ttt(model)
@@ -188,6 +193,7 @@ def test_exec_mask_freezes_masked_elements():
         assert not torch.equal(state.delta[0], w1)
 
 
+@pytest.mark.numerics
 def test_batch_of_two_equals_two_single_runs():
     _, model = make()
     randomize_ttt(model)
@@ -236,6 +242,7 @@ def test_frozen_slow_weights_get_no_grad():
         assert g.linear_in.weight.grad is None and g.w_down.grad is not None
 
 
+@pytest.mark.numerics
 def test_gradient_checkpointing_gives_the_same_gradients():
     _, plain = make()
     randomize_ttt(plain)
@@ -330,6 +337,7 @@ def _graph_steps(model, seq, modes):
     return torch.cat(outs, 2)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("modes", ["g" * 30, "e" * 7 + "g" * 12 + "e" * 3 + "g" * 8])
 def test_graph_mode_steps_equal_the_full_forward(modes):
     _, model = make()
@@ -344,6 +352,7 @@ def test_graph_mode_steps_equal_the_full_forward(modes):
     torch.testing.assert_close(streamed, full, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.numerics
 def test_graph_mode_respects_exec_mask_and_resets():
     _, model = make()
     randomize_ttt(model)
@@ -372,6 +381,7 @@ def test_graph_mode_respects_exec_mask_and_resets():
     torch.testing.assert_close(after[0], fresh[0], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.numerics
 def test_ttt_lmgen_equals_lmgen():
     from moshi_ttt import TTTLMGen
 

@@ -79,6 +79,7 @@ def test_gated_layer_equals_the_reference_with_every_gradient(form, gate_input):
     assert grads[2].abs().sum() > 0 and grads[3].abs().sum() > 0  # the gate learns
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("gate_input", ["source", "key"])
 @pytest.mark.parametrize("form", ["dual", "scan"])
 def test_streamed_final_state_of_the_gated_layer_equals_the_reference(form, gate_input):
@@ -134,6 +135,7 @@ def _model(**kw):
     return model.eval()
 
 
+@pytest.mark.numerics
 def test_reset_of_one_element_with_the_gate_equals_a_fresh_stream():
     model = _model()
     a, b = random_codes(model, 2, 11), random_codes(model, 2, 13)
@@ -159,6 +161,7 @@ def test_training_forward_writes_no_parameter():
     assert all(gr is not None and gr.abs().sum() > 0 for gr in gates)
 
 
+@pytest.mark.numerics
 def test_bf16_model_keeps_float32_fast_weights_and_matches_float32():
     model = _model()
     codes = random_codes(model, 2, 3 * C + 1)

@@ -8,23 +8,28 @@ Overrides are ``--section.key=value`` (YAML syntax for the value: ``--ttt.layers
 ``--model.gradient_checkpointing=true``); anything else on the command line is refused before any
 work. An interrupted run continues from its newest complete checkpoint when launched again with the
 same run_dir (``resume: auto``). Exit status: 0 done, 2 configuration refused (one ``config error:``
-line), 1 the run diverged (non-finite steps; checkpoints intact) or failed.
+line), 1 the run diverged (non-finite steps; checkpoints intact) or failed; with several processes, a
+process that fails, dies or hangs ends the others within distributed.timeout_sec, naming its rank.
 """
 
 import sys
+
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from finetune.args import load_config
 from finetune.cli import parse_cli, run_main
 
 
+@record  # under torchrun, a process's own uncaught error heads torchrun's summary, with its traceback
 def main(argv: list[str]) -> int:
     config, overrides = parse_cli(argv)
     cfg = load_config(config, overrides)
+    from finetune.training.distributed import PeerFailure
     from finetune.training.trainer import Diverged, train
 
     try:
         train(cfg)
-    except Diverged as e:
+    except (Diverged, PeerFailure) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
