@@ -490,7 +490,7 @@ def test_replies_piling_up_end_that_conversation(tiny_ckpt, voices):
 def test_static_web_ui_and_cli_errors(tiny_ckpt, tmp_path, monkeypatch):
     import huggingface_hub
 
-    from finetune.serving.server import main as serve_main
+    from finetune.commands.serve import main as serve_main
 
     assert resolve_static("none") is None
     # The default (moshi's web UI from the Hub) with an empty cache and no network: a clear error.
