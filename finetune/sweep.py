@@ -145,10 +145,22 @@ class Sweep:
         args = [f"--{k}={_cli_value(v)}" for k, v in run.overrides.items()]
         return [*launcher, "train.py", str(self.base), *args]
 
-    def run_all(self, runner: Callable[[Run], int], log: Callable[[str], None] = print) -> dict[str, str]:
+    def run_all(
+        self,
+        runner: Callable[[Run], int],
+        log: Callable[[str], None] = print,
+        shard: tuple[int, int] = (0, 1),
+    ) -> dict[str, str]:
+        """Run every unfinished run in order; ``shard = (k, n)`` takes only runs ``k, k + n, ...``,
+        so ``n`` processes given ``k = 0 .. n-1`` share a grid without running any run twice."""
+        k, n = shard
+        if not 0 <= k < n:
+            raise ConfigError(f"shard {k}/{n}: expected K/N with 0 <= K < N")
         results = {}
         runs = self.runs()
         for i, run in enumerate(runs, 1):
+            if (i - 1) % n != k:
+                continue
             state = self.status(run)
             if state == "done":
                 log(f"[{i}/{len(runs)}] {run.name}: finished, skipped")

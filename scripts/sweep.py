@@ -5,6 +5,7 @@
     python scripts/sweep.py configs/sweeps/recall_tiny.yaml                  # run them here, one after another
     python scripts/sweep.py configs/sweeps/recall_tiny.yaml --print-commands --nproc 8   # torchrun lines for a cluster
     python scripts/sweep.py configs/sweeps/recall_tiny.yaml --collect        # results.csv / .md / .png only
+    python scripts/sweep.py SWEEP.yaml --shard 0/2 & python scripts/sweep.py SWEEP.yaml --shard 1/2   # two at a time
     python scripts/sweep.py configs/sweeps/recall_tiny.yaml --wandb-sweep sweep_wandb.yaml
 
 Re-running skips finished runs and resumes interrupted ones. The file format is described in
@@ -43,6 +44,12 @@ def main() -> int:
     p.add_argument("--collect", action="store_true", help="only collect the results table and plot")
     p.add_argument("--wandb-sweep", type=Path, help="write a wandb sweep definition of this grid")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
+    p.add_argument(
+        "--shard",
+        default="0/1",
+        metavar="K/N",
+        help="run only runs K, K+N, K+2N, ... (0-based): N launchers with K = 0..N-1 share the grid",
+    )
     args = p.parse_args()
     try:
         sweep = Sweep.load(args.sweep)
@@ -71,7 +78,12 @@ def main() -> int:
             print(f"{len(runs)} runs in {sweep.out_dir}")
         return 0
     if not args.collect:
-        results = sweep.run_all(subprocess_runner(sweep, args.nproc, cwd=ROOT))
+        try:
+            k, n = (int(x) for x in args.shard.split("/"))
+            results = sweep.run_all(subprocess_runner(sweep, args.nproc, cwd=ROOT), shard=(k, n))
+        except (ConfigError, ValueError) as e:
+            print(f"sweep error: --shard {args.shard}: {e}", file=sys.stderr)
+            return 2
         failed = [n for n, s in results.items() if s.startswith("failed")]
     else:
         failed = []

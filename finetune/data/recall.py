@@ -80,6 +80,8 @@ class RecallTask(Dataset):
         audio_bank: list[torch.Tensor] | None = None,
         filler_rate: float = 0.0,
         num_fillers: int = 16,
+        far_pairs: int | None = None,
+        near_max: int | None = None,
     ) -> None:
         need = FIRST_KEY + num_keys + num_values + (num_fillers if filler_rate > 0 else 0)
         if need > text_card:
@@ -102,6 +104,18 @@ class RecallTask(Dataset):
             raise ValueError(f"recall task: filler_rate must be in [0, 1), got {filler_rate}")
         if pairs > num_keys:
             raise ValueError(f"recall task: pairs ({pairs}) must be <= num_keys ({num_keys})")
+        # How many pairs are queried far (the others near); default: half, rounded up.
+        self.far_pairs = (pairs + 1) // 2 if far_pairs is None else far_pairs
+        if not 1 <= self.far_pairs <= pairs:
+            raise ValueError(f"recall task: far_pairs must be in [1, pairs={pairs}], got {far_pairs}")
+        # The largest near distance (steps from the definition's value to the query's): by default
+        # the whole window less the markers, so near distances scale with the window.
+        self.near_max = max(3, context - 5) if near_max is None else near_max
+        if not 3 <= self.near_max <= max(3, context - 5):
+            raise ValueError(
+                f"recall task: near_max must be in [3, {max(3, context - 5)}] (a near query stays inside the "
+                f"{context}-step window), got {near_max}"
+            )
         # Far queries are this many steps after their definition. Stacked layers see further than one
         # attention window (about num_layers * (context - 1) steps): pass that for a strict test.
         self.far_min = far_min if far_min is not None else context + 2
@@ -136,7 +150,7 @@ class RecallTask(Dataset):
         text = torch.full((T,), self.pad, dtype=torch.long)
         keys = (torch.randperm(self.num_keys, generator=g)[:P] + FIRST_KEY).tolist()
         values = (torch.randint(0, self.num_values, (P,), generator=g) + self.first_value).tolist()
-        n_far = (P + 1) // 2
+        n_far = self.far_pairs
         queries: list[Query] = []
 
         def put(pos: int, marker: int, i: int) -> None:
@@ -156,7 +170,7 @@ class RecallTask(Dataset):
         for i in range(n_far, P):
             put(p, DEF, i)
             def_pos[i] = p + 2
-            q = p + 3 + rand(0, max(0, self.context - 8))  # the query's value stays inside the window
+            q = p + rand(3, self.near_max)  # the query's value stays inside the window
             put(q, QRY, i)
             queries.append(Query(q + 2, q + 2 - def_pos[i], values[i], False))
             p = q + 3 + rand(0, 2)
@@ -273,6 +287,8 @@ def recall_datasets(cfg, model) -> tuple[RecallTask, RecallTask]:
         audio=r.audio,
         card=model.card,
         filler_rate=r.filler_rate,
+        far_pairs=r.far_pairs,
+        near_max=r.near_max,
     )
     train = RecallTask(r.num_train, seed=cfg.seed, audio_bank=banks[0], **common)
     evals = RecallTask(r.num_eval, seed=cfg.seed + EVAL_SEED_OFFSET, audio_bank=banks[1], **common)
