@@ -122,6 +122,7 @@ class Sweep:
         return out
 
     FAILED_MARKER = "sweep_failed.json"  # written when a run's trainer exits non-zero
+    STOP_FILE = "STOP"  # out_dir/STOP: launchers finish their current run, then start no other
 
     def status(self, run: Run) -> str:
         """``done``, ``failed (exit N)`` (its last attempt failed: diverged, crashed), ``partial``
@@ -161,6 +162,11 @@ class Sweep:
         for i, run in enumerate(runs, 1):
             if (i - 1) % n != k:
                 continue
+            if (self.out_dir / self.STOP_FILE).exists():
+                log(
+                    f"{self.out_dir / self.STOP_FILE} exists: stopping before {run.name} (remove it to go on)"
+                )
+                break
             state = self.status(run)
             if state == "done":
                 log(f"[{i}/{len(runs)}] {run.name}: finished, skipped")

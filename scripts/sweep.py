@@ -8,7 +8,8 @@
     python scripts/sweep.py SWEEP.yaml --shard 0/2 & python scripts/sweep.py SWEEP.yaml --shard 1/2   # two at a time
     python scripts/sweep.py configs/sweeps/recall_tiny.yaml --wandb-sweep sweep_wandb.yaml
 
-Re-running skips finished runs and resumes interrupted ones. The file format is described in
+Re-running skips finished runs and resumes interrupted ones. ``touch OUT_DIR/STOP`` makes running
+launchers stop after their current run (to change the grid or the order, then launch again). The file format is described in
 ``finetune/sweep.py``.
 """
 

@@ -112,3 +112,20 @@ def test_shards_split_a_sweep_without_overlap(tmp_path):
     assert sorted(calls) == sorted(names)  # each run once
     with pytest.raises(ConfigError, match="shard 3/3"):
         sweep.run_all(runner, shard=(3, 3))
+
+
+def test_a_stop_file_ends_the_launcher_before_its_next_run(tmp_path):
+    sweep = Sweep.load(_sweep_file(tmp_path))
+    calls: list[str] = []
+    runner = fake_trainer(sweep, calls, set())
+
+    def stop_after_first(run):
+        code = runner(run)
+        (sweep.out_dir / Sweep.STOP_FILE).touch()
+        return code
+
+    sweep.run_all(stop_after_first, log=lambda s: None)
+    assert len(calls) == 1
+    (sweep.out_dir / Sweep.STOP_FILE).unlink()
+    sweep.run_all(runner, log=lambda s: None)
+    assert set(calls) == {r.name for r in sweep.runs()}
