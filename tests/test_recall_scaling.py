@@ -129,3 +129,91 @@ def test_a_stop_file_ends_the_launcher_before_its_next_run(tmp_path):
     (sweep.out_dir / Sweep.STOP_FILE).unlink()
     sweep.run_all(runner, log=lambda s: None)
     assert set(calls) == {r.name for r in sweep.runs()}
+
+
+def _fake_run(path, cfg: dict, records: list[dict]) -> None:
+    import json
+
+    import yaml
+
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_chunk_window_report_times_the_plateau_end(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    def cfg(window, chunk, seed):
+        return {
+            "seed": seed,
+            "max_steps": 300,
+            "model": {"tiny": {"context": window, "num_layers": 4}},
+            "ttt": {"chunk_size": chunk},
+            "data": {"recall": {"audio": "markov", "pairs": 4}},
+        }
+
+    def evals(fars):
+        return [
+            {"kind": "eval", "step": 100 * (i + 1), "recall_acc_far": f, "recall_acc_near": 0.5}
+            for i, f in enumerate(fars)
+        ]
+
+    sweep = tmp_path / "sw"
+    _fake_run(sweep / "a", cfg(16, 8, 0), evals([0.5, 0.85, 1.0]))
+    _fake_run(sweep / "b", cfg(16, 8, 1), evals([0.5, 0.5, 0.9]))
+    _fake_run(sweep / "c", cfg(32, 64, 0), evals([0.5, 0.5, 0.5]))
+    out = subprocess.run(
+        [sys.executable, "scripts/chunk_window.py", str(sweep), "--out", str(tmp_path / "o")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    text = (tmp_path / "o" / "chunk_window.md").read_text()
+    assert "0.5 W: 250 (200-300) [2/2]; far 0.95 (0.90-1.00)" in text  # mean of the seeds' bound steps
+    assert "2 W: > 300 [0/1]; far 0.50" in text  # censored at the budget
+    assert (tmp_path / "o" / "chunk_window.png").is_file()
+
+
+def test_eta_auto_report_compares_auto_with_the_best_hand_picked_eta(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    sweep = tmp_path / "sw"
+    nll = {"auto": [0.5, 0.7, 0.6], 0.1: [1.5, 1.6, 1.7], 10.0: [0.3, 0.4, 0.8]}
+    near = {"auto": 0.9, 0.1: 0.95, 10.0: 0.5}
+    for eta, vals in nll.items():
+        for seed, v in enumerate(vals):
+            cfg = {
+                "seed": seed,
+                "max_steps": 400,
+                "model": {"tiny": {"dim": 64}},
+                "ttt": {"chunk_size": 8, "eta": eta},
+            }
+            recs = [
+                {"kind": "train", "step": 50, "ttt/layer1/term_ratio": 1.0},
+                {
+                    "kind": "eval",
+                    "step": 400,
+                    "recall_nll_far": v,
+                    "recall_acc_far": 1 - v / 3,
+                    "recall_acc_near": near[eta],
+                },
+            ]
+            if eta == "auto":
+                recs.append({"kind": "eta_auto", "step": 50, "eta/L1": 0.2 + seed / 10})
+            _fake_run(sweep / f"{eta}_{seed}", cfg, recs)
+    out = subprocess.run(
+        [sys.executable, "scripts/eta_auto_report.py", str(sweep)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    row = next(x for x in (sweep / "eta_auto.md").read_text().splitlines() if x.startswith("| 64, 8 |"))
+    # best far: eta 10 (mean 0.50, worst seed 0.80): auto's mean 0.60 is within; best keeping near: 0.1.
+    assert "| 10: 0.50 [0.30, 0.80] | 0.60 [0.50, 0.70] | yes (0.60 <= 0.80) | 0.1: 1.60" in row
+    assert "L1 0.2-0.4" in row
