@@ -40,10 +40,12 @@ def read_run(run_dir: Path) -> dict | None:
     base50 = [v for k, v in at50[-1].items() if k.endswith("/term_ratio")] if at50 else []
     cal = [r for r in recs if r["kind"] == "eta_auto"]
     eta = cfg["ttt"]["eta"]
+    target = float((cfg["ttt"].get("eta_auto") or {}).get("target", 1.0))
+    label = ("auto" if target == 1.0 else f"auto {target:g}") if eta == "auto" else float(eta)
     return {
         "dim": cfg["model"]["tiny"]["dim"],
         "chunk": cfg["ttt"]["chunk_size"],
-        "eta": "auto" if eta == "auto" else float(eta),
+        "eta": label,
         "seed": cfg["seed"],
         "far_nll": final[-1]["recall_nll_far"],
         "far": final[-1]["recall_acc_far"],
@@ -69,8 +71,9 @@ def report(runs: list[dict]) -> str:
         "",
     ]
     summary = [
-        "| dim, chunk | best far (hand) | auto far NLL | within? | best keeping near (hand) | within? | auto eta per layer |",
-        "|---|---|---|---|---|---|---|",
+        "| dim, chunk | auto (ttt/base target) | its far NLL | best far (hand) | within? | best keeping near "
+        "(hand) | within? | auto's eta per layer |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for (dim, chunk), by_eta in sorted(cells.items()):
         lines += [f"### dim {dim}, chunk {chunk}", ""]
@@ -78,41 +81,43 @@ def report(runs: list[dict]) -> str:
             "| eta | n | far NLL | far acc | near acc | ttt/base at step 50 |",
             "|---|---|---|---|---|---|",
         ]
-        order = sorted(by_eta, key=lambda e: (e != "auto", e if e != "auto" else 0))
+        order = sorted(by_eta, key=lambda e: (isinstance(e, float), e if isinstance(e, float) else e))
         for e in order:
             rs = by_eta[e]
             b50 = [r["base50"] for r in rs if r["base50"] is not None]
             lines.append(
-                f"| {e if e == 'auto' else f'{e:g}'} | {len(rs)} | {_stat([r['far_nll'] for r in rs])} | "
+                f"| {e if isinstance(e, str) else f'{e:g}'} | {len(rs)} | {_stat([r['far_nll'] for r in rs])} | "
                 f"{_stat([r['far'] for r in rs])} | {_stat([r['near'] for r in rs])} | "
                 f"{_stat(b50) if b50 else '-'} |"
             )
         lines.append("")
-        hand = {e: rs for e, rs in by_eta.items() if e != "auto"}
-        auto = by_eta.get("auto")
-        if not hand or not auto:
+        hand = {e: rs for e, rs in by_eta.items() if isinstance(e, float)}
+        if not hand:
             continue
         mean_nll = {e: statistics.fmean(r["far_nll"] for r in rs) for e, rs in hand.items()}
         mean_near = {e: statistics.fmean(r["near"] for r in rs) for e, rs in hand.items()}
         best = min(mean_nll, key=mean_nll.get)
         keep = [e for e in hand if mean_near[e] >= max(mean_near.values()) - NEAR_SLACK]
         best_keep = min(keep, key=mean_nll.get)
-        a = statistics.fmean(r["far_nll"] for r in auto)
+        for label in (e for e in order if isinstance(e, str)):
+            auto = by_eta[label]
+            a = statistics.fmean(r["far_nll"] for r in auto)
 
-        def within(e: float, hand: dict = hand, a: float = a) -> str:
-            worst = max(r["far_nll"] for r in hand[e])
-            return f"yes ({a:.2f} <= {worst:.2f})" if a <= worst else f"no ({a:.2f} > {worst:.2f})"
+            def within(e: float, hand: dict = hand, a: float = a) -> str:
+                worst = max(r["far_nll"] for r in hand[e])
+                return f"yes ({a:.2f} <= {worst:.2f})" if a <= worst else f"no ({a:.2f} > {worst:.2f})"
 
-        chosen = defaultdict(list)
-        for r in auto:
-            for layer, v in r["chosen"].items():
-                chosen[layer].append(v)
-        etas = ", ".join(f"{k} {min(v):.2g}-{max(v):.2g}" for k, v in sorted(chosen.items()))
-        summary.append(
-            f"| {dim}, {chunk} | {best:g}: {_stat([r['far_nll'] for r in hand[best]])} | "
-            f"{_stat([r['far_nll'] for r in auto])} | {within(best)} | "
-            f"{best_keep:g}: {_stat([r['far_nll'] for r in hand[best_keep]])} | {within(best_keep)} | {etas} |"
-        )
+            chosen = defaultdict(list)
+            for r in auto:
+                for layer, v in r["chosen"].items():
+                    chosen[layer].append(v)
+            etas = ", ".join(f"{k} {min(v):.2g}-{max(v):.2g}" for k, v in sorted(chosen.items()))
+            target = label.removeprefix("auto").strip() or "1"
+            summary.append(
+                f"| {dim}, {chunk} | {target} | {_stat([r['far_nll'] for r in auto])} | "
+                f"{best:g}: {_stat([r['far_nll'] for r in hand[best]])} | {within(best)} | "
+                f"{best_keep:g}: {_stat([r['far_nll'] for r in hand[best_keep]])} | {within(best_keep)} | {etas} |"
+            )
     return "\n".join(summary + [""] + lines) + "\n"
 
 

@@ -215,5 +215,5 @@ def test_eta_auto_report_compares_auto_with_the_best_hand_picked_eta(tmp_path):
     assert out.returncode == 0, out.stderr
     row = next(x for x in (sweep / "eta_auto.md").read_text().splitlines() if x.startswith("| 64, 8 |"))
     # best far: eta 10 (mean 0.50, worst seed 0.80): auto's mean 0.60 is within; best keeping near: 0.1.
-    assert "| 10: 0.50 [0.30, 0.80] | 0.60 [0.50, 0.70] | yes (0.60 <= 0.80) | 0.1: 1.60" in row
+    assert "| 64, 8 | 1 | 0.60 [0.50, 0.70] | 10: 0.50 [0.30, 0.80] | yes (0.60 <= 0.80) | 0.1: 1.60" in row
     assert "L1 0.2-0.4" in row
