@@ -219,7 +219,8 @@ class RecallDataArgs:
     between events that hold a random filler word instead of PAD. ``far_pairs``: how many of the
     ``pairs`` are queried beyond the receptive field (null: half, rounded up; ``pairs``: far-only
     data). ``near_max``: the largest near-query distance in steps (null: the attention window less
-    5, so near distances scale with the window).
+    5, so near distances scale with the window). ``far_min``: the smallest far distance (null: the
+    receptive field + 2, the first distance attention cannot reach; larger values only).
     """
 
     # Fixed on resume: the training sequences (num_eval only sizes the held-out set).
@@ -232,6 +233,7 @@ class RecallDataArgs:
     filler_rate: float = field(default=0.0, metadata=FIXED_ON_RESUME)
     far_pairs: int | None = field(default=None, metadata=FIXED_ON_RESUME)
     near_max: int | None = field(default=None, metadata=FIXED_ON_RESUME)
+    far_min: int | None = field(default=None, metadata=FIXED_ON_RESUME)
 
     def __post_init__(self) -> None:
         if self.far_pairs is not None and not 1 <= self.far_pairs <= self.pairs:

@@ -217,3 +217,23 @@ def test_eta_auto_report_compares_auto_with_the_best_hand_picked_eta(tmp_path):
     # best far: eta 10 (mean 0.50, worst seed 0.80): auto's mean 0.60 is within; best keeping near: 0.1.
     assert "| 64, 8 | 1 | 0.60 [0.50, 0.70] | 10: 0.50 [0.30, 0.80] | yes (0.60 <= 0.80) | 0.1: 1.60" in row
     assert "L1 0.2-0.4" in row
+
+
+def test_far_min_moves_far_queries_further_but_never_within_reach():
+    from finetune.data.recall import recall_datasets
+    from moshi_ttt.tiny import build_tiny_lm
+
+    over = {
+        "data.source": "recall",
+        "model.tiny": {"dim": 32, "num_layers": 2, "context": 8, "num_heads": 2},
+        "data.duration_sec": 8.0,
+        "data.recall.num_train": 16,
+    }
+    model = build_tiny_lm(dim=32, num_layers=2, context=8, num_heads=2)
+    train, _ = recall_datasets(load_config(None, over), model)
+    assert train.far_min == 2 * 7 + 2  # the receptive field + 2
+    train, _ = recall_datasets(load_config(None, {**over, "data.recall.far_min": 40}), model)
+    far = [q.distance for i in range(16) for q in train.queries(i) if q.far]
+    assert train.far_min == 40 and min(far) >= 40
+    with pytest.raises(ConfigError, match="far_min: 15 steps is within reach of attention"):
+        recall_datasets(load_config(None, {**over, "data.recall.far_min": 15}), model)

@@ -266,6 +266,11 @@ def recall_datasets(cfg, model) -> tuple[RecallTask, RecallTask]:
             "data.source recall: the task needs a model with a limited attention window (model.tiny.context)"
         )
     r = cfg.data.recall
+    if r.far_min is not None and r.far_min < receptive + 2:
+        raise ConfigError(
+            f"data.recall.far_min: {r.far_min} steps is within reach of attention (receptive field "
+            f"{receptive} steps: {len(model.transformer.layers)} layers x (window - 1)); use >= {receptive + 2} or null"
+        )
     banks = (None, None)
     if r.audio == "bank":
         from .build import conversation_datasets
@@ -277,7 +282,7 @@ def recall_datasets(cfg, model) -> tuple[RecallTask, RecallTask]:
     common = dict(
         num_frames=cfg.data.num_frames,
         context=attention_window(model),
-        far_min=receptive + 2,
+        far_min=r.far_min if r.far_min is not None else receptive + 2,
         num_keys=r.num_keys,
         num_values=r.num_values,
         pairs=r.pairs,
