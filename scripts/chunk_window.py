@@ -51,6 +51,8 @@ def read_run(run_dir: Path, threshold: float) -> dict | None:
         "window": W,
         "layers": cfg["model"]["tiny"].get("num_layers", 4),
         "frames": int(round(cfg["data"].get("duration_sec", 8.0) * 12.5)),
+        # far distances start here (the receptive field + 2 unless data.recall.far_min moves them)
+        "far_min": r.get("far_min") or cfg["model"]["tiny"].get("num_layers", 4) * (W - 1) + 2,
         "chunk": cfg["ttt"]["chunk_size"],
         "audio": r.get("audio", "silent"),
         "near_max": r.get("near_max") or W - 5,
@@ -109,7 +111,7 @@ def groups(runs: list[dict]) -> dict[tuple, dict[tuple[int, int], list[dict]]]:
     for r in runs:
         span = "window - 5" if r["near_max"] == r["window"] - 5 else f"{r['near_max']}"
         key = r["layers"], r["audio"], span, r["far_pairs"], r["max_steps"]
-        out[key][r["window"], r["frames"], r["chunk"]].append(r)
+        out[key][r["window"], r["frames"], r["far_min"], r["chunk"]].append(r)
     return out
 
 
@@ -122,26 +124,26 @@ def tables(runs: list[dict], threshold: float) -> str:
     for (layers, audio, span, far_pairs, budget), cells in sorted(
         groups(runs).items(), key=lambda kv: str(kv[0])
     ):
-        windows = sorted({(w, t) for w, t, _ in cells})
-        chunks = sorted({c for _, _, c in cells})
+        windows = sorted({(w, t, f) for w, t, f, _ in cells})
+        chunks = sorted({c for *_, c in cells})
         lines += [
             f"### {layers} layers, audio {audio}, near distances 3 to {span}, {far_pairs} far pair(s) of 4, "
             f"{budget} steps",
             "",
         ]
-        lines += ["| window (sequence) | " + " | ".join(f"chunk {c}" for c in chunks) + " |"]
+        lines += ["| window (sequence, far distances) | " + " | ".join(f"chunk {c}" for c in chunks) + " |"]
         lines += ["|---|" + "---|" * len(chunks)]
-        for w, t in windows:
+        for w, t, f in windows:
             row = []
             for c in chunks:
-                rs = cells.get((w, t, c))
+                rs = cells.get((w, t, f, c))
                 if not rs:
                     row.append("")
                     continue
                 share = [r["cross_share"] for r in rs if r["cross_share"] is not None]
                 s = f"; near across chunks {statistics.fmean(share):.2f}" if share else ""
                 row.append(f"{c / w:g} W: " + cell_text(rs) + s)
-            lines.append(f"| {w} ({t} steps) | " + " | ".join(row) + " |")
+            lines.append(f"| {w} ({t} steps, far from {f}) | " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -156,12 +158,14 @@ def plot(runs: list[dict], path: Path, audio: str = "markov", layers: int = 4) -
         r for r in runs if r["audio"] == audio and r["near_max"] == r["window"] - 5 and r["far_pairs"] == 2
     ]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    series = sorted({(r["window"], r["frames"]) for r in sel})
+    series = sorted({(r["window"], r["frames"], r["far_min"]) for r in sel})
     colors = {k: plt.cm.viridis(i / max(1, len(series) - 1)) for i, k in enumerate(series)}
-    for w, t in series:
+    for w, t, f in series:
         by_chunk: dict[int, list[dict]] = defaultdict(list)
         for r in sel:
-            if (r["window"], r["frames"]) == (w, t) and (r["finished"] or r["bound"] is not None):
+            if (r["window"], r["frames"], r["far_min"]) == (w, t, f) and (
+                r["finished"] or r["bound"] is not None
+            ):
                 by_chunk[r["chunk"]].append(r)
         for ax, x_of in ((axes[0], lambda c, w=w: c / w), (axes[1], lambda c: c)):
             xs, ys, lo, hi = [], [], [], []
@@ -179,7 +183,7 @@ def plot(runs: list[dict], path: Path, audio: str = "markov", layers: int = 4) -
                         marker="^",
                         s=70,
                         facecolors="none",
-                        edgecolors=colors[w, t],
+                        edgecolors=colors[w, t, f],
                     )
             ax.errorbar(
                 xs,
@@ -187,9 +191,9 @@ def plot(runs: list[dict], path: Path, audio: str = "markov", layers: int = 4) -
                 yerr=[lo, hi],
                 marker="o",
                 capsize=3,
-                color=colors[w, t],
+                color=colors[w, t, f],
                 ls="-" if t == 6 * w else "--",
-                label=f"window {w}, sequences {t} steps ({t // w} W)",
+                label=f"window {w}, sequences {t} steps ({t // w} W), far >= {f}",
             )
     axes[0].set_xlabel("chunk / attention window")
     axes[1].set_xlabel("chunk (steps)")
