@@ -9,13 +9,15 @@ Overrides are ``--section.key=value`` (YAML syntax for the value: ``--ttt.layers
 ``--model.gradient_checkpointing=true``); anything else on the command line is refused before any
 work. An interrupted run continues from its newest complete checkpoint when launched again with the
 same run_dir (``resume: auto``). Exit status: 0 done, 2 configuration refused (one ``config error:``
-line), 1 the run diverged (non-finite steps; checkpoints intact) or failed.
+line), 1 the run diverged (non-finite steps; checkpoints intact) or failed; with several processes, a
+process that fails, dies or hangs ends the others within distributed.timeout_sec, naming its rank.
 """
 
 import os
 import sys
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 
 if not torch.cuda.is_available():
     os.environ.setdefault("NO_TORCH_COMPILE", "1")  # before moshi is imported
@@ -24,14 +26,16 @@ from finetune.args import load_config  # noqa: E402
 from finetune.cli import parse_cli, run_main  # noqa: E402
 
 
+@record  # under torchrun, a process's own uncaught error heads torchrun's summary, with its traceback
 def main(argv: list[str]) -> int:
     config, overrides = parse_cli(argv)
     cfg = load_config(config, overrides)
+    from finetune.distributed import PeerFailure
     from finetune.trainer import Diverged, train
 
     try:
         train(cfg)
-    except Diverged as e:
+    except (Diverged, PeerFailure) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -231,19 +231,49 @@ class RecallDataArgs:
     num_values: int = field(default=16, metadata=FIXED_ON_RESUME)
     audio: Literal["silent", "uniform", "markov", "bank"] = field(default="silent", metadata=FIXED_ON_RESUME)
     filler_rate: float = field(default=0.0, metadata=FIXED_ON_RESUME)
+    # Where the facts are stated: Moshi's text stream, or the other speaker's audio codebooks (fixed
+    # code patterns of pattern_frames frames, or spoken words: word_codes from make_word_codes.py).
+    facts: Literal["text", "audio", "speech"] = field(default="text", metadata=FIXED_ON_RESUME)
+    pattern_frames: int = field(default=2, metadata=FIXED_ON_RESUME)
+    word_codes: str | None = field(default=None, metadata=FIXED_ON_RESUME)
+    # Pairs queried beyond the receptive field (the rest within one window); null: half, rounded up;
+    # 0: the in-window part alone; pairs: far-only data.
     far_pairs: int | None = field(default=None, metadata=FIXED_ON_RESUME)
     near_max: int | None = field(default=None, metadata=FIXED_ON_RESUME)
     far_min: int | None = field(default=None, metadata=FIXED_ON_RESUME)
+    # Facts in audio: Moshi repeats each fact it hears in its text stream (an acknowledgement).
+    echo: bool = field(default=False, metadata=FIXED_ON_RESUME)
+    # Share of the training items that are windows of the data.train conversations instead.
+    conversations: float = field(default=0.0, metadata=FIXED_ON_RESUME)
 
     def __post_init__(self) -> None:
-        if self.far_pairs is not None and not 1 <= self.far_pairs <= self.pairs:
+        if self.far_pairs is not None and not 0 <= self.far_pairs <= self.pairs:
             raise ConfigError(
-                f"data.recall.far_pairs: must be in [1, pairs={self.pairs}] or null (got {self.far_pairs})"
+                f"data.recall.far_pairs: must be in [0, pairs={self.pairs}] or null (got {self.far_pairs})"
             )
         if self.near_max is not None and self.near_max < 3:
             raise ConfigError(f"data.recall.near_max: must be >= 3 steps or null (got {self.near_max})")
-        if not 0.0 <= self.filler_rate < 1.0:
-            raise ConfigError(f"data.recall.filler_rate: must be in [0, 1) (got {self.filler_rate})")
+        if not 0.0 <= self.filler_rate <= 1.0:
+            raise ConfigError(f"data.recall.filler_rate: must be in [0, 1] (got {self.filler_rate})")
+        if not 0.0 <= self.conversations < 1.0:
+            raise ConfigError(f"data.recall.conversations: must be in [0, 1) (got {self.conversations})")
+        if (
+            isinstance(self.pattern_frames, bool)
+            or not isinstance(self.pattern_frames, int)
+            or self.pattern_frames < 1
+        ):
+            raise ConfigError(
+                f"data.recall.pattern_frames: must be an integer >= 1 (got {self.pattern_frames!r})"
+            )
+        if self.facts == "speech" and not self.word_codes:
+            raise ConfigError(
+                "data.recall.facts: speech needs data.recall.word_codes (make it with scripts/make_word_codes.py)"
+            )
+
+    @property
+    def reads_manifests(self) -> bool:
+        """Whether the task reads the data.train / data.eval conversations (bank audio or mixed in)."""
+        return self.audio == "bank" or self.conversations > 0
 
 
 @dataclass
@@ -330,6 +360,14 @@ class DistributedArgs:
     # Used when launched with more than one process. Fixed on resume: FSDP checkpoints hold dcp shards.
     strategy: Literal["ddp", "fsdp"] = field(default="ddp", metadata=FIXED_ON_RESUME)
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPU, gloo on CPU
+    # A process silent (dead or hung) this long ends the run, naming its rank; collectives wait at most
+    # this long plus three heartbeats. Must exceed the longest wait of one rank for another in a healthy
+    # run (rank 0 writing a checkpoint). See finetune.distributed.PeerWatch.
+    timeout_sec: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not self.timeout_sec >= 1:
+            raise ConfigError(f"distributed.timeout_sec: must be >= 1 second (got {self.timeout_sec})")
 
 
 @dataclass
@@ -379,11 +417,14 @@ class TrainConfig:
         """Combinations that cannot work, caught before any model is built."""
         if self.finetune == "ttt_only" and not self.ttt.enabled:
             raise ConfigError("finetune: ttt_only trains only TTT parameters, but ttt.enabled is false")
-        if self.data.source == "recall" and self.data.recall.audio == "bank" and not self.data.train:
-            raise ConfigError(
-                "data.recall.audio: bank reads its audio windows from data.train (and data.eval) manifests; "
-                "set data.train"
+        r = self.data.recall
+        if self.data.source == "recall" and r.reads_manifests and not self.data.train:
+            what = (
+                "data.recall.audio: bank reads its audio windows"
+                if r.audio == "bank"
+                else ("data.recall.conversations mixes in conversation windows")
             )
+            raise ConfigError(f"{what} from data.train (and data.eval) manifests; set data.train")
         if self.data.source == "manifest" and not self.data.train:
             raise ConfigError(
                 "data.train: the path of a .jsonl manifest is required when data.source is manifest"
@@ -477,7 +518,7 @@ def upgrade_renamed_keys(data: dict[str, Any], where: str, nested: bool = True) 
     return apply_overrides({}, flat) if nested else flat
 
 
-def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+def saved_config_with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     """A saved config with the keys added to the schema since it was written, at their defaults (so a
     new key does not read as a changed setting), and renamed keys under their new names."""
     saved = upgrade_renamed_keys(saved, "the checkpoint's config.yaml")
@@ -492,7 +533,7 @@ def check_resume_compatible(
 ) -> None:
     """Refuse to resume a checkpoint trained with ``saved`` under ``current`` if a key marked
     ``fixed_on_resume`` (or the number of processes) differs; warn about any other difference."""
-    saved = _with_defaults(saved)
+    saved = saved_config_with_defaults(saved)
     fixed = fixed_on_resume_keys(TrainConfig)
     bad = [k for k in fixed if get_dotted(saved, k) != get_dotted(current, k)]
     if saved_world != world:

@@ -33,6 +33,7 @@ an explicit ``resume: PATH`` that does not load is refused (:class:`ConfigError`
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -53,7 +54,7 @@ from torch import nn
 
 from moshi_ttt import save_ttt_weights, to_moshi_state_dict, ttt_info, ttt_state_dict
 
-from .distributed import DistInfo, all_reduce_sum, barrier
+from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
 from .model import embedding_params
 from .schema import ConfigError
 
@@ -207,10 +208,12 @@ def save_checkpoint(
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
     # Per process: RNG and data position (ranks skip bad items independently).
     torch.save({**_rng_state(), "data": data_state}, tmp / "rng" / f"rank_{dist_info.rank}.pt")
+    barrier()  # every rank's files are written before rank 0 commits (meta.json, rename)
     full_sd = _gather_for_export(model, cfg) if fsdp else None
     if dist_info.is_main:
         if not fsdp:
-            save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+            # The names of the model itself, not DDP's ``module.`` ones: resumable with any process count's wrapper.
+            save_file(_trainable_state(_unwrap(model)), str(tmp / "trainable.safetensors"))
             state = {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -300,28 +303,95 @@ def lock_run_dir(run_dir: Path):
     return f
 
 
+# What a failed write at start means, and what to do about it (errno -> advice).
+_WRITE_ADVICE = {
+    errno.EROFS: "its filesystem is read-only",
+    errno.ENOSPC: "its disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EACCES: "no permission to write there",
+    errno.EPERM: "the filesystem does not allow it",
+    errno.EEXIST: "a file of that name is in the way",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+}
+_PROBE_BYTES = 4096  # one page: a disk without a free block fails here
+
+
+def prepare_run_dir(run_dir: Path) -> list[Path]:
+    """Create ``run_dir`` (and missing parents) and prove that it takes a write; returns the directories
+    it created, deepest first.
+
+    The probe writes and fsyncs a small file and removes it, so a read-only filesystem or a full disk is
+    found before any model is built rather than at the first checkpoint. On failure everything created
+    here is removed again and :class:`ConfigError` names the directory, the reason and the fix. A disk
+    that fills up later is the "disk full during a save" case (the save fails, earlier checkpoints stay).
+    """
+    created, p = [], run_dir
+    while not p.exists() and not p.is_symlink() and p != p.parent:
+        created.append(p)
+        p = p.parent
+    probe = run_dir / f".write_test.{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            if os.write(fd, bytes(_PROBE_BYTES)) < _PROBE_BYTES:  # a partial write: the disk is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        probe.unlink()
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+        for d in created:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        why = _WRITE_ADVICE.get(e.errno, e.strerror or str(e))
+        code = errno.errorcode.get(e.errno or 0, type(e).__name__)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = "free some space there"
+        elif e.errno in (errno.EEXIST, errno.ENOTDIR):
+            fix = "move that file away"
+        else:
+            fix = "make it writable"
+        raise ConfigError(
+            f"run_dir {run_dir}: cannot write there ({why}, {code}); {fix} or choose another run_dir "
+            "(--run_dir=...). Nothing was created or changed"
+        ) from None
+    return created
+
+
 @contextlib.contextmanager
 def claimed_run_dir(run_dir: Path, is_main: bool) -> Iterator[None]:
-    """``run_dir`` created if needed, locked (rank 0) and tidied (:func:`tidy_checkpoints`) for the block.
+    """``run_dir`` created if needed, checked writable (:func:`prepare_run_dir`), locked and tidied
+    (:func:`tidy_checkpoints`) by rank 0 for the block.
 
     The lock comes first, so a second launch is told the directory is in use before anything else is
-    compared. A run refused by a :class:`ConfigError` inside the block leaves a directory it created as
-    it was (no ``.lock``, no empty directory).
+    compared. A refusal on rank 0 (not writable, in use) is sent to every rank, so all of them stop with
+    the same :class:`ConfigError` instead of waiting for rank 0. A run refused by a ConfigError inside
+    the block leaves a directory it created as it was (no ``.lock``, no empty directory).
     """
-    created = not run_dir.exists()
+    created: list[Path] = []
     lock = None
     try:
+        refusal = None
         if is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            lock = lock_run_dir(run_dir)
-            tidy_checkpoints(run_dir)
-        barrier()
+            try:
+                created = prepare_run_dir(run_dir)
+                lock = lock_run_dir(run_dir)
+                tidy_checkpoints(run_dir)
+            except ConfigError as e:
+                refusal = str(e)
+        refusal = broadcast_object(refusal)  # every rank waits for rank 0 here
+        if refusal is not None:
+            raise ConfigError(refusal)
         yield
     except ConfigError:
         if lock is not None and created:
             (run_dir / ".lock").unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                run_dir.rmdir()  # only if nothing else was written
+            for d in created:  # only if nothing else was written
+                with contextlib.suppress(OSError):
+                    d.rmdir()
         raise
     finally:
         if lock is not None:
@@ -458,6 +528,8 @@ def _restore(point: ResumePoint, model: nn.Module, optimizer: torch.optim.Optimi
             saved = load_file(str(weights))
         except Exception as e:
             raise CheckpointError(weights, _reason(e)) from None
+        if saved and all(k.startswith("module.") for k in saved):  # written under DDP by an earlier version
+            saved = {k.removeprefix("module."): v for k, v in saved.items()}
         params = dict(_unwrap(model).named_parameters())
         expected = {n for n, p in params.items() if p.requires_grad}
         if set(saved) != expected:

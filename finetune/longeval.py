@@ -41,6 +41,34 @@ class EvalResult:
     # Far queries by what was predicted (ERROR_KINDS): shares of the far queries, and their number.
     far_answers: dict[str, float] = field(default_factory=dict)
     far_count: int = 0
+    # Over every valid position: the text and audio NLL of the whole eval set (nats).
+    text_nll: float | None = None
+    audio_nll: float | None = None
+
+
+@torch.no_grad()
+def stream_text_logits(lm, codes: torch.Tensor, *, free_text: bool = True) -> torch.Tensor:
+    """Text logits ``[B, T, V]`` of ``codes [B, K, T]`` computed step by step in streaming mode, the
+    audio codebooks teacher-forced. With ``free_text`` the text stream fed back at each step is
+    Moshi's own greedy prediction of the step before, not the data's: recall is then scored on what
+    Moshi itself writes (e.g. the echo of a fact it heard). ``free_text=False`` reproduces the
+    training forward's text logits (LMModel.forward: delays, initial token)."""
+    B, K, T = codes.shape
+    # LMModel.forward's input: codebook k delayed by delays[k] (the initial token before), shifted by one
+    # step behind the initial token.
+    x = torch.empty(B, K, T + 1, dtype=codes.dtype, device=codes.device)
+    x[:, 0] = lm.text_initial_token_id
+    x[:, 1:] = lm.initial_token_id
+    for k, d in enumerate(lm.delays):
+        x[:, k, 1 + d :] = codes[:, k, : T - d]
+    out = []
+    with lm.streaming(B):
+        for t in range(T):
+            step = x[:, :, t : t + 1].clone()
+            if free_text and t > 0:
+                step[:, 0, 0] = out[-1].argmax(-1)
+            out.append(lm.forward_text(step)[1][:, 0, -1].float())  # [B, V]
+    return torch.stack(out, 1)
 
 
 def _buckets(values: np.ndarray, edges: list[int]) -> np.ndarray:
@@ -57,6 +85,7 @@ def evaluate_model(
     max_items: int | None = None,
     bucket: int = 16,
     distance_edges: list[int] | None = None,
+    free_text: bool = False,
 ) -> EvalResult:
     lm.eval()
     n = len(dataset) if max_items is None else min(max_items, len(dataset))
@@ -78,7 +107,7 @@ def evaluate_model(
         out = lm(codes)
         pos_b = _buckets(np.arange(T), edges)
         # Text: [B, T] CE at valid positions.
-        tl = out.text_logits[:, 0].float()
+        tl = stream_text_logits(lm, codes) if free_text else out.text_logits[:, 0].float()
         tmask = out.text_mask[:, 0]
         ce_t = torch.zeros(B, T)
         ce_t[tmask] = F.cross_entropy(tl[tmask], codes[:, 0][tmask], reduction="none")
@@ -113,6 +142,8 @@ def evaluate_model(
         return [float(a / c) if c > 0 else None for a, c in zip(s[0], s[1])]
 
     res = EvalResult(name, edges, ratio(sums_t), ratio(sums_a))
+    res.text_nll = float(sums_t[0].sum() / sums_t[1].sum()) if sums_t[1].sum() > 0 else None
+    res.audio_nll = float(sums_a[0].sum() / sums_a[1].sum()) if sums_a[1].sum() > 0 else None
     if rec is not None:
         res.distance_edges = list(distance_edges)
         res.recall_acc = [float(a / c) if c else None for a, c in zip(rec[0], rec[2])]
@@ -144,7 +175,11 @@ def evaluate_runs(
     max_items: int | None = 64,
     batch_size: int = 8,
     bucket: int | None = None,
+    free_text: bool = False,
 ) -> dict[str, Any]:
+    """Every run on one eval set (the first run's own, or ``eval_config``'s), TTT runs also with their
+    updates off; with ``free_text`` every run once more on its own greedy text stream
+    (:func:`stream_text_logits`)."""
     results: list[EvalResult] = []
     info: dict[str, Any] = {}
     dataset = None
@@ -168,10 +203,21 @@ def evaluate_runs(
         d_edges = [0, ctx, receptive + 1, 10**9] if has_queries(dataset) else None
         name = Path(run).name if (Path(run) / "checkpoints").is_dir() else str(Path(run).parent.parent.name)
         kw = dict(batch_size=batch_size, max_items=max_items, bucket=b, distance_edges=d_edges)
-        results.append(evaluate_model(name + (" (TTT)" if loaded.ttt else ""), loaded.lm, dataset, **kw))
+        tag = " (TTT)" if loaded.ttt else ""
+        results.append(evaluate_model(name + tag, loaded.lm, dataset, **kw))
+        if free_text:
+            results.append(
+                evaluate_model(name + tag + " (own text)", loaded.lm, dataset, free_text=True, **kw)
+            )
         if loaded.ttt and frozen_too:
             set_ttt_updates(loaded.lm, False)
             results.append(evaluate_model(name + " (TTT updates off)", loaded.lm, dataset, **kw))
+            if free_text:
+                results.append(
+                    evaluate_model(
+                        name + " (TTT updates off, own text)", loaded.lm, dataset, free_text=True, **kw
+                    )
+                )
     return {"info": info, "results": [r.__dict__ for r in results]}
 
 
@@ -184,6 +230,10 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Attention window: {info['context']} steps; stacked receptive field: {info['receptive_field']} steps; "
         f"{info['eval_items']} eval sequences.",
+        "",
+        "| run | text NLL | audio NLL |",
+        "|---|---|---|",
+        *(f"| {r['name']} | {_fmt(r.get('text_nll'))} | {_fmt(r.get('audio_nll'))} |" for r in res),
         "",
     ]
     if res and res[0]["recall_acc"]:

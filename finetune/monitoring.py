@@ -93,10 +93,20 @@ class Metrics:
             self.wandb_run.log({f"{kind}/{k}": v for k, v in values.items()}, step=step)
 
 
+def sweep_agent_run_id() -> str | None:
+    """The run id a wandb sweep agent gave this process (the agent sets ``WANDB_SWEEP_ID`` and
+    ``WANDB_RUN_ID`` before it launches a run), or None outside an agent."""
+    if not os.environ.get("WANDB_SWEEP_ID"):
+        return None
+    return os.environ.get("WANDB_RUN_ID") or None
+
+
 def init_wandb(cfg, run_dir: Path, run_id: str | None, config_dict: dict[str, Any]):
-    """Start (or resume, with the saved ``run_id``) a wandb run; None when wandb is not configured."""
+    """Start (or resume, with the saved ``run_id``) a wandb run; None when wandb is not configured.
+    Under a sweep agent the run is the agent's (the caller passes its id) and starts even if
+    ``wandb.project`` is unset: wandb then takes the project the agent set (``WANDB_PROJECT``)."""
     w = cfg.wandb
-    if w.project is None or w.mode == "disabled":
+    if w.mode == "disabled" or (w.project is None and sweep_agent_run_id() is None):
         return None
     import wandb
 

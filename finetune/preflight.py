@@ -36,6 +36,7 @@ def absolute_paths(cfg) -> None:
     for section, keys in (
         (cfg.data, ("train", "eval", "tokenizer", "mimi_weights", "mimi_config", "cache_dir")),
         (cfg.model, ("config_path", "moshi_weights", "init_from")),
+        (cfg.data.recall, ("word_codes",)),
     ):
         for key in keys:
             value = getattr(section, key)
@@ -56,8 +57,10 @@ def check_config_paths(cfg) -> None:
             if _local(v)
         ]
     check_moshi_weights(m.moshi_weights, m.allow_pickle)
-    # Manifest data, or the recall task reading its audio from manifests (data.recall.audio: bank).
-    manifests = d.source == "manifest" or (d.source == "recall" and d.recall.audio == "bank")
+    # Manifest data, or the recall task reading audio or conversations from manifests.
+    manifests = d.source == "manifest" or (d.source == "recall" and d.recall.reads_manifests)
+    if d.source == "recall" and d.recall.facts == "speech":
+        files.append(("data.recall.word_codes", d.recall.word_codes))
     if manifests:
         for key in ("tokenizer", "mimi_weights"):
             if getattr(d, key) is None and m.source != "hf":

@@ -13,16 +13,20 @@ all are busy); before its first frame the slot's state is reset: moshi's ``LMGen
 KV caches, positions), every TTT layer's fast weights (back to ``W^(0)``) and the slot's Mimi encoder
 and decoder. Each step runs the slots whose client has delivered a whole frame of audio; the others
 (idle slots, clients whose audio has not arrived yet) are masked out with moshi's ``exec_mask``, which
-leaves their state exactly as it was. So a conversation's output depends only on its own audio: a
-slow or silent client never holds the others back, and one that leaves frees its slot with nothing
-carried over to the next caller (the slot is reset when it is taken again).
+leaves their state exactly as it was. So, in a given slot, a conversation's output depends only on its
+own audio, bit for bit: every step runs the whole batch with the same shapes, and each slot's TTT
+update is computed on its own (a batched update over the slots that happen to end a chunk together
+would round differently on some CPUs). Another slot index may round differently (a kernel can treat
+a row by its place in the batch), so that part holds only up to float32 rounding. A slow or silent
+client never holds the others back, and one that leaves frees its slot with nothing carried over to
+the next caller (the slot is reset when it is taken again).
 
 Mimi. moshi 0.2.13's Mimi streams per batch element: its streaming convolutions, transposed
 convolutions and the encoder/decoder transformers' KV caches all honour ``exec_mask`` and
 ``reset_streaming(mask)``. One batched Mimi therefore serves every slot (one encode and one decode
 call per step for the whole batch instead of ``batch_size`` batch-1 calls, and one set of CUDA
 graphs); a slot's codes do not depend on what the other rows hold (tested: a conversation gets the
-same output alone as beside another). Like ``moshi.server``, the first frame of a conversation is
+same output alone in its slot as beside another). Like ``moshi.server``, the first frame of a conversation is
 encoded and then the slot's Mimi is reset, so the next frame is encoded with the initial padding
 again (the LM replaces the first frame's codes with its initial token anyway).
 

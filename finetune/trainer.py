@@ -33,7 +33,15 @@ from .data.loader import eval_plan
 from .evaluation import evaluate
 from .loss import loss_weights, training_loss
 from .model import build_model, param_table
-from .monitoring import Metrics, fmt_duration, init_wandb, setup_logging, ttt_console_line, ttt_telemetry
+from .monitoring import (
+    Metrics,
+    fmt_duration,
+    init_wandb,
+    setup_logging,
+    sweep_agent_run_id,
+    ttt_console_line,
+    ttt_telemetry,
+)
 from .optim import apply_new_lrs, build_optimizer
 from .preflight import absolute_paths, check_config_paths
 from .probe import EtaCalibration, calibrate_eta, dataset_batches
@@ -47,19 +55,40 @@ class Diverged(RuntimeError):
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Fine-tune per ``cfg``; returns a summary (final step, last losses, run directory)."""
-    dist_info = D.init_distributed(cfg.device, cfg.distributed.backend)
+    """Fine-tune per ``cfg``; returns a summary (final step, last losses, run directory).
+
+    With several processes, a process that dies, hangs or fails ends the others too, within
+    ``distributed.timeout_sec``, with a message naming its rank (:class:`~finetune.distributed.PeerWatch`;
+    raised here as :class:`~finetune.distributed.PeerFailure`)."""
+    dist_info = D.init_distributed(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_sec)
     if dist_info.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
     setup_logging(dist_info.is_main)
+    watch = (
+        D.PeerWatch(dist_info.rank, dist_info.world_size, cfg.distributed.timeout_sec)
+        if dist_info.distributed
+        else None
+    )
+    group_broken = False
     try:
         absolute_paths(cfg)
         check_config_paths(cfg)  # before run_dir or the model exists: a refused run leaves nothing behind
         run_dir = Path(cfg.run_dir)
         with claimed_run_dir(run_dir, dist_info.is_main):
             return Trainer(cfg, dist_info, run_dir).run()
+    except Exception as e:
+        if watch is None:
+            raise
+        group_broken = D.is_comms_error(e)
+        err = watch.on_error(e)
+        if err is e:
+            raise
+        raise err from e
     finally:
-        D.destroy()
+        if watch is not None:
+            watch.finish()
+        if not group_broken:  # tearing down a group whose peer is gone can block (NCCL): exiting frees it
+            D.destroy()
 
 
 @dataclass
@@ -142,6 +171,9 @@ class Trainer:
                     self.eta_calibration.step,
                     self.eta_calibration.describe(),
                 )
+        # A wandb sweep agent launched this run (scripts/sweep_point.py): log to the run it assigned,
+        # which its sweep tracks, also when this point resumes an interrupted run.
+        self.wandb_id = sweep_agent_run_id() or self.wandb_id
         if self.dist.is_main:
             self.resumer.set_aside_newer()
             (self.run_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
@@ -173,6 +205,7 @@ class Trainer:
         last: dict[str, Any] = {}
         for step in range(self.start_step + 1, cfg.max_steps + 1):
             t0 = time.time()
+            D.set_phase(f"step {step}")
             log_now = step % cfg.log_interval == 0 or step == cfg.max_steps or step == self.start_step + 1
             result = self._optimisation_step(step, log_now)
             step_time = time.time() - t0
@@ -325,6 +358,7 @@ class Trainer:
         self.metrics.log("eta_auto", step, values)
 
     def _evaluate(self, step: int) -> dict[str, float]:
+        D.set_phase(f"evaluating at step {step}")
         ev = evaluate(self.model, self.base, self.eval_set, self.cfg, self.dist)
         self.metrics.log("eval", step, ev)
         logger.info(
@@ -340,6 +374,7 @@ class Trainer:
         return ev
 
     def _save(self, step: int) -> None:
+        D.set_phase(f"saving checkpoint step {step}")
         save_checkpoint(
             step=step,
             model=self.model,

@@ -15,9 +15,10 @@ from typing import Any
 
 from .ops.inplace import PRECISIONS as UPDATE_PRECISIONS
 
-TARGET_SOURCES = ("text_emb", "input_emb", "hidden")
+TARGET_SOURCES = ("text_emb", "input_emb", "user_audio_emb", "hidden")
 FAST_FORMS = ("auto", "dual", "scan")
 ETA_NORMS = ("none", "zsq")
+WRITE_GATE_INPUTS = ("source", "key")
 # Field metadata of the settings the TTT parameters depend on (which exist, their shapes, what they
 # read): a checkpoint is tied to them (finetune's resume check refuses a change).
 _FIXED = {"fixed_on_resume": True}
@@ -48,9 +49,11 @@ class TTTConfig:
         conv_kernel_size: taps ``K`` of the target convolution; position ``t`` sees ``t .. t+K-1``
             inside its own chunk (zero padding at the chunk's right edge).
         conv_depthwise: one filter per channel (``d*K`` weights) instead of a full ``d x d x K`` conv.
-        target_source: what the target convolution reads: ``text_emb`` (the text-token embedding),
-            ``input_emb`` (the summed text + audio embedding entering the transformer) or ``hidden``
-            (the MLP's own input, the official continual-training choice).
+        target_source: what the target convolution reads: ``text_emb`` (the text-token embedding:
+            Moshi's own inner monologue), ``input_emb`` (the summed text + audio embedding entering
+            the transformer), ``user_audio_emb`` (the summed embeddings of the other speaker's audio
+            codebooks, ``dep_q .. n_q - 1``: what the user says, which never reaches Moshi as text)
+            or ``hidden`` (the MLP's own input, the official continual-training choice).
         layers: explicit main-transformer layer indices; overrides ``start_layer``/``layer_frequency``.
         start_layer, layer_frequency: select layers ``start_layer, start_layer + layer_frequency, ...``.
         fast_form: ``auto`` picks the quadratic dual form for short sequences and the linear
@@ -60,6 +63,10 @@ class TTTConfig:
             ``eta * sum_t g_t v_t z_t^T`` (a per-token learning rate, as LaCT and TTT-MLP have); 1 at
             init (``w = b = 0``). With live audio it lets the layer write only where the text carries
             something (see the README's long-context section).
+        write_gate_input: what the write gate reads: ``source`` (the target source ``x_t``, as above)
+            or ``key`` (the layer's own activations ``z_t``, the fast weight's key: they depend on
+            the context, so the gate can open where the hidden state says a fact is being stated,
+            e.g. on the other speaker's audio, where the source alone cannot tell a fact from speech).
         update_precision: In-Place TTT's update math under bf16 autocast or in a bf16 model: ``bf16``
             multiplies bf16 operands into float32 sums (tensor-core speed; the scores ``Z Z^T`` and
             their gradients are rounded to bf16 where they enter a product), ``fp32`` keeps every
@@ -95,6 +102,7 @@ class TTTConfig:
     fast_form: str = "auto"
     update_precision: str = "bf16"
     write_gate: bool = field(default=False, metadata=_FIXED)
+    write_gate_input: str = field(default="source", metadata=_FIXED)
     variant: str = field(default="inplace", metadata=_FIXED)
     mlp_heads: int = field(default=4, metadata=_FIXED)
     mlp_expansion: int = field(default=4, metadata=_FIXED)
@@ -159,6 +167,8 @@ class TTTConfig:
                 "write_gate",
                 "is an In-Place TTT option (variant: inplace); TTT-MLP has its own per-token rate",
             )
+        if self.write_gate_input not in WRITE_GATE_INPUTS:
+            raise bad("write_gate_input", f"must be one of {', '.join(WRITE_GATE_INPUTS)}")
         if self.update_precision not in UPDATE_PRECISIONS:
             raise bad("update_precision", f"must be one of {', '.join(UPDATE_PRECISIONS)}")
         from .variants import VARIANTS  # here, not at the top: the variant modules import this one

@@ -143,7 +143,8 @@ class TTTGating(TTTLayer[_TTTState]):
         self.target_conv = nn.Parameter(torch.zeros(d, 1 if config.conv_depthwise else d, K, **factory))
         self.target_proj = nn.Parameter(torch.empty(d, d, **factory))
         if config.write_gate:
-            self.write_gate_w = nn.Parameter(torch.empty(d, **factory))
+            width = h if config.write_gate_input == "key" else d
+            self.write_gate_w = nn.Parameter(torch.empty(width, **factory))
             self.write_gate_b = nn.Parameter(torch.empty(1, **factory))
         self.init_new_parameters()
         self._register_load_state_dict_pre_hook(self._map_vanilla_keys)
@@ -203,7 +204,7 @@ class TTTGating(TTTLayer[_TTTState]):
     # ---------------------------------------------------------------- computations
     def target(self, src: torch.Tensor) -> torch.Tensor:
         """``V = Conv1D_K(src) W_target^T`` per chunk of the grid starting at ``src[:, 0]``: ``[B, T, d]``,
-        times the write gate ``g_t`` of each step when ``write_gate`` is set."""
+        times the write gate ``g_t`` of each step when ``write_gate`` reads the source."""
         B, T, D = src.shape
         C, K = self.config.chunk_size, self.config.conv_kernel_size
         n = math.ceil(T / C)
@@ -215,17 +216,25 @@ class TTTGating(TTTLayer[_TTTState]):
         y = F.conv1d(x, self.target_conv.to(x.dtype), groups=groups)  # [B n, D, L]
         y = y.transpose(1, 2).reshape(B, n * L, D)[:, :T]
         v = F.linear(y, self.target_proj.to(y.dtype))
-        if self.config.write_gate:
-            # g_t = 2 sigmoid(src_t . w + b): per step, so streaming (one chunk buffer) == training.
-            logit = F.linear(src, self.write_gate_w.to(src.dtype)[None], self.write_gate_b.to(src.dtype))
-            v = v * (2 * torch.sigmoid(logit)).to(v.dtype)  # [B, T, d] * [B, T, 1]
+        if self.config.write_gate and self.config.write_gate_input == "source":
+            v = v * self.gate(src).to(v.dtype)  # [B, T, d] * [B, T, 1]
         return v
 
+    def gate(self, inp: torch.Tensor) -> torch.Tensor:
+        """The write gate ``g_t = 2 sigmoid(inp_t . w + b)``, ``[B, T, 1]``: per step, so streaming (one
+        chunk buffer) == training. ``inp`` is the target source or the key ``z`` (``write_gate_input``)."""
+        return 2 * torch.sigmoid(
+            F.linear(inp, self.write_gate_w.to(inp.dtype)[None], self.write_gate_b.to(inp.dtype))
+        )
+
     def update_target(self, src: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """The ``V`` the update ``eta * V[i]^T Z[i]`` uses, ``[B, T, d]``: :meth:`target`, divided by
-        its chunk's mean ``||z||^2`` under ``eta_norm: zsq`` (then in float32 or float64). ``z`` is
-        ``[B, T, h]`` on the same chunk grid."""
+        """The ``V`` the update ``eta * V[i]^T Z[i]`` uses, ``[B, T, d]``: :meth:`target` (times the
+        write gate of the key ``z`` under ``write_gate_input: key``), divided by its chunk's mean
+        ``||z||^2`` under ``eta_norm: zsq`` (then in float32 or float64). ``z`` is ``[B, T, h]`` on the
+        same chunk grid."""
         v = self.target(src)
+        if self.config.write_gate and self.config.write_gate_input == "key":
+            v = v * self.gate(z).to(v.dtype)
         if self.config.eta_norm == "zsq":
             s = chunk_mean_sq(z, self.config.chunk_size).clamp_min(_ZSQ_FLOOR)  # [B, T]
             v = v.to(s.dtype) / s.unsqueeze(-1)
@@ -302,16 +311,16 @@ class TTTGating(TTTLayer[_TTTState]):
         return torch.baddbmm(base_term(z, state.w0).float(), zf, state.delta.transpose(1, 2))
 
     def _apply_update(self, state: _TTTState, done: torch.Tensor) -> None:
-        """W^(i) = W^(i-1) + eta V[i]^T Z[i] for the elements in ``done``."""
+        """W^(i) = W^(i-1) + eta V[i]^T Z[i] for the elements in ``done``.
+
+        One element at a time, with the same shapes whichever others complete a chunk on this step:
+        a batched product over the elements that happen to be done together rounds differently on
+        some CPUs (MKL's AVX2 GEMM blocks ``[k C, d]`` and ``[C, d]`` differently), which made a
+        served conversation's fast weights depend on the other slots' timing."""
         eta = self.config.eta
-        if bool(done.all()):
-            v = self.update_target(state.buf_src, state.buf_z).float()  # [B, C, d] over the whole chunk
-            state.delta.baddbmm_(v.transpose(1, 2), state.buf_z, alpha=eta)  # in place
-        else:
-            idx = done.nonzero().flatten().tolist()
-            v = self.update_target(state.buf_src[idx], state.buf_z[idx]).float()  # [k, C, d]
-            for j, b in enumerate(idx):
-                state.delta[b].addmm_(v[j].t(), state.buf_z[b], alpha=eta)
+        for b in done.nonzero().flatten().tolist():
+            v = self.update_target(state.buf_src[b : b + 1], state.buf_z[b : b + 1]).float()  # [1, C, d]
+            state.delta[b].addmm_(v[0].t(), state.buf_z[b], alpha=eta)
 
     def _forward_stream(self, x: torch.Tensor, src: torch.Tensor, state: _TTTState) -> torch.Tensor:
         if state.graph_steps:  # graph-mode steps ran before this eager call

@@ -160,7 +160,7 @@ class TTTLayer(StreamingModule[S]):
 
     @classmethod
     def source(cls, config: TTTConfig) -> str:
-        """What the layer reads besides its MLP input: ``text_emb``, ``input_emb``, or ``hidden``
+        """What the layer reads besides its MLP input: ``text_emb``, ``input_emb``, ``user_audio_emb`` or ``hidden``
         (nothing else). ``apply_ttt`` captures it and hands it to :meth:`forward` as ``src``."""
         return config.target_source
 

@@ -9,7 +9,8 @@ No moshi source is edited. Three things happen:
    :class:`~moshi_ttt.layer.TTTLayer` (:data:`moshi_ttt.variants.VARIANTS`), built from it: for
    In-Place TTT, ``w_down`` is taken from the layer's ``linear_out`` (merged first when it is a
    moshi ``LoRALinear``).
-3. For a layer that reads ``text_emb`` / ``input_emb`` (:meth:`TTTLayer.source`), hooks on ``model.text_emb`` and
+3. For a layer that reads ``text_emb`` / ``input_emb`` / ``user_audio_emb`` (:meth:`TTTLayer.source`),
+   hooks on ``model.text_emb`` (or the user's audio embeddings ``model.emb[dep_q:]``) and
    ``model.transformer`` capture the source and pass it to the layers as the ``ttt_src`` keyword,
    which ``torch.utils.checkpoint`` keeps for recomputation under gradient checkpointing.
 """
@@ -176,7 +177,10 @@ def apply_ttt(lm_model: nn.Module, config: TTTConfig) -> nn.Module:
 
         info.handles.append(lm_model.text_emb.register_forward_hook(capture))
 
-    if source in ("text_emb", "input_emb"):
+    if source == "user_audio_emb":
+        _capture_user_audio(lm_model, info)
+
+    if source in ("text_emb", "input_emb", "user_audio_emb"):
 
         def inject(_module, args, kwargs):
             if kwargs.get("ttt_src") is not None:
@@ -188,7 +192,7 @@ def apply_ttt(lm_model: nn.Module, config: TTTConfig) -> nn.Module:
                 src = info.slot.pop("src", None)
                 if src is None:
                     raise ValueError(
-                        "TTT target source 'text_emb' was not captured: call the model through "
+                        f"TTT target source {source!r} was not captured: call the model through "
                         "LMModel.forward / forward_text or LMGen, or pass ttt_src=... to model.transformer"
                     )
             return args, {**kwargs, "ttt_src": src}
@@ -202,3 +206,24 @@ def apply_ttt(lm_model: nn.Module, config: TTTConfig) -> nn.Module:
             m._cached_children = None
     logger.info("TTT (%s) on layers %s (%s)", config.variant, selected, config.to_json())
     return lm_model
+
+
+def _capture_user_audio(lm_model: nn.Module, info: TTTModelInfo) -> None:
+    """Hooks summing the embeddings of the other speaker's codebooks (``emb[dep_q:]``, called in
+    order by ``LMModel.forward_text``) into ``info.slot["src"]``."""
+    dep_q, n_q = int(getattr(lm_model, "dep_q", 0)), int(getattr(lm_model, "n_q", 0))
+    if n_q <= dep_q:
+        raise ValueError(
+            f"TTT target source 'user_audio_emb' needs the other speaker's audio codebooks, but this model "
+            f"has n_q={n_q}, dep_q={dep_q} (none beyond Moshi's own); use text_emb, input_emb or hidden"
+        )
+    first = dep_q
+
+    def capture(k: int):
+        def hook(_module, _inputs, output):
+            info.slot["src"] = output if k == first else info.slot["src"] + output
+
+        return hook
+
+    for k in range(dep_q, n_q):
+        info.handles.append(lm_model.emb[k].register_forward_hook(capture(k)))

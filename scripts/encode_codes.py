@@ -47,8 +47,11 @@ def main(argv: list[str]) -> int:
         raise ConfigError("usage: encode_codes.py CONFIG [--section.key=value ...] (the training config)")
     cfg = load_config(config, overrides)
     d = cfg.data
-    if d.source != "manifest":
-        raise ConfigError(f"data.source is {d.source!r}: only manifest data has audio to encode")
+    if not (d.source == "manifest" or (d.source == "recall" and d.recall.reads_manifests)):
+        raise ConfigError(
+            f"data.source is {d.source!r}: only manifest data (or a recall task reading manifests: "
+            "data.recall.audio bank, data.recall.conversations) has audio to encode"
+        )
     if not d.cache_dir:
         raise ConfigError("data.cache_dir: set the cache directory to fill (--data.cache_dir=PATH)")
     check_config_paths(cfg)

@@ -9,7 +9,8 @@ the first run's own eval split, or the ``data`` section of ``--eval-config``. TT
 evaluated with their fast-weight updates off (same weights, no test-time training) unless
 ``--no-frozen``. Writes ``long_context.json`` (the numbers), ``long_context.md`` (tables) and
 ``long_context.png`` (loss by position with the attention window marked; recall accuracy by
-distance) into ``--out``.
+distance) into ``--out``. ``--free-text`` adds rows scored on each model's own greedy text stream
+(streamed step by step, audio from the data).
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--bucket", type=int, default=None, help="position bucket size (default: half the window)")
     p.add_argument("--no-frozen", action="store_true", help="skip the TTT-updates-off evaluation of TTT runs")
+    p.add_argument(
+        "--free-text",
+        action="store_true",
+        help="also evaluate each run on its own greedy text stream (audio from the data), streamed step by "
+        "step: recall scored on what Moshi writes itself, e.g. the echo of a fact it heard",
+    )
     args = p.parse_args()
     try:
         report = evaluate_runs(
@@ -48,6 +55,7 @@ def main() -> int:
             max_items=args.max_items,
             batch_size=args.batch_size,
             bucket=args.bucket,
+            free_text=args.free_text,
         )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

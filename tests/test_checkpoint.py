@@ -28,6 +28,7 @@ def _text_logits(model, codes):
     return out.text_logits[out.text_mask]
 
 
+@pytest.mark.numerics
 def test_rebuild_from_base_plus_ttt_file(tmp_path):
     base = build_tiny_lm(seed=3)
     trained = apply_ttt(copy.deepcopy(base), CFG)

@@ -150,6 +150,7 @@ def _model(eta_norm, context=16, write_gate=False):
     return model
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("write_gate", [False, True])
 @pytest.mark.parametrize("pieces", [[1] * 45, [3, 7, 1, 13, 2, 19]])
 def test_zsq_streaming_equals_the_full_forward(pieces, write_gate):
@@ -167,6 +168,7 @@ def test_zsq_streaming_equals_the_full_forward(pieces, write_gate):
     torch.testing.assert_close(torch.cat(outs, 2), full, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("write_gate", [False, True])
 def test_zsq_per_element_chunk_ends_and_graph_steps_equal_the_full_forward(write_gate):
     # Element 1 runs 3 steps behind (exec_mask), so chunks complete for one element at a time and
@@ -238,6 +240,7 @@ def test_telemetry_ratios_match_their_definitions(eta_norm):
     assert t["chunk_update_ratio"] == pytest.approx(ratio, rel=1e-5)
 
 
+@pytest.mark.numerics
 def test_term_ratio_is_the_exact_term_under_bf16_autocast():
     # Under bf16, out - base would carry the output's rounding (~1e-3 relative): a TTT that is
     # effectively off must still read as ~eta-small, which is what a user looks for.

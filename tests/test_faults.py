@@ -480,3 +480,107 @@ def test_the_checker_flags_unknown_words_and_truncated_audio(tiny_ds, tmp_path):
         x.startswith(f"{wav}: truncated: its header announces 7.00 s, it holds 3.50 s") for x in problems
     )
     assert not any("truncated" in x for x in check_manifest(ds / "train.jsonl", decode=False))
+
+
+# ---------------------------------------------------------------- the run directory's filesystem
+
+
+def _tmpfs_in_user_namespace() -> str | None:
+    """Why a test cannot mount a small tmpfs in a user namespace here (None: it can). Unprivileged (no
+    root needed); it fails where user namespaces are disabled, e.g. in some containers."""
+    if shutil.which("unshare") is None:
+        return "no unshare command (util-linux)"
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            res = subprocess.run(
+                ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {d}"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+        except subprocess.TimeoutExpired:
+            return "unshare did not answer"
+    return None if res.returncode == 0 else f"cannot mount a tmpfs in a user namespace: {res.stderr.strip()}"
+
+
+NO_TMPFS = _tmpfs_in_user_namespace()
+
+FS_FAULTS = {
+    # name: (shell set-up of the fresh 64 KiB tmpfs at $M, run_dir, expected reason)
+    "read-only, new run_dir": ("mount -o remount,ro $M", "$M/runs/a", "its filesystem is read-only, EROFS"),
+    "read-only, existing run": (
+        "mkdir -p $M/run && echo kept > $M/run/notes && mount -o remount,ro $M",
+        "$M/run",
+        "its filesystem is read-only, EROFS",
+    ),
+    "full disk": (
+        "dd if=/dev/zero of=$M/fill bs=4k 2>/dev/null || true",
+        "$M/runs/a",
+        "its disk is full, ENOSPC",
+    ),
+}
+
+
+@pytest.mark.skipif(
+    NO_TMPFS is not None, reason=f"{NO_TMPFS}; test_a_failed_write_at_start_... covers the path"
+)
+@pytest.mark.parametrize("fault", sorted(FS_FAULTS))
+def test_a_run_dir_on_a_read_only_or_full_filesystem_is_one_line_and_exit_2(tmp_path, fault):
+    """A real filesystem fault: a 64 KiB tmpfs mounted in a user namespace (no root needed; chmod would
+    not do, since the tests may run as root, whom a read-only mode does not stop), then read-only or full."""
+    setup, run_dir, reason = FS_FAULTS[fault]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = (
+        f"set -e; M={mnt}; mount -t tmpfs -o size=64k tmpfs $M; {setup}; set +e; "
+        f"{sys.executable} train.py configs/tiny_synthetic.yaml --run_dir={run_dir} 2>{tmp_path}/err; "
+        "echo rc=$?; find $M | sort; cat $M/run/notes 2>/dev/null"
+    )
+    res = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180
+    )
+    err = (tmp_path / "err").read_text()
+    where = run_dir.replace("$M", str(mnt))
+    assert "rc=2\n" in res.stdout, res.stdout + res.stderr + err
+    assert err.startswith(f"config error: run_dir {where}: cannot write there ({reason}); ")
+    assert len(err.strip().splitlines()) == 1 and "Nothing was created or changed" in err
+    listing = res.stdout.split("rc=2\n")[1].split()
+    expected = {  # what was there before, nothing more: no run directory, .lock or probe file
+        "read-only, new run_dir": [str(mnt)],
+        "read-only, existing run": [str(mnt), f"{mnt}/run", f"{mnt}/run/notes", "kept"],
+        "full disk": [str(mnt), f"{mnt}/fill"],
+    }[fault]
+    assert listing == expected
+
+
+def test_a_failed_write_at_start_leaves_nothing_and_is_exit_2(tmp_path, monkeypatch, capsys):
+    """The same check with the fault injected at the OS write of the probe (ENOSPC), where a tmpfs
+    cannot be mounted: the directories it created are removed again."""
+    import errno
+
+    existing = tmp_path / "existing"
+    train(tiny_cfg(existing, max_steps=1))
+    capsys.readouterr()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    real_write = os.write
+
+    def full_disk(fd, data):
+        if ".write_test." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full_disk)
+    run = tmp_path / "a" / "b" / "run"
+    code, out, err = _train_py(monkeypatch, capsys, "configs/tiny_synthetic.yaml", f"--run_dir={run}")
+    assert code == 2 and out == ""
+    assert err == (
+        f"config error: run_dir {run}: cannot write there (its disk is full, ENOSPC); free some space there "
+        "or choose another run_dir (--run_dir=...). Nothing was created or changed\n"
+    )
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no a/b/run
+    # An existing run directory is left exactly as it was.
+    with pytest.raises(ConfigError, match="cannot write there"):
+        train(tiny_cfg(existing, max_steps=2))
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

@@ -8,6 +8,7 @@ import wave
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from finetune.inference import load_checkpoint_model, read_user_audio, stream_conversations
@@ -20,6 +21,7 @@ def _inputs(tiny_ds, n=2, seconds=4.0):
     return [read_user_audio(f)[: int(24000 * seconds)] for f in files]
 
 
+@pytest.mark.numerics
 def test_greedy_stream_matches_teacher_forced_forward(tiny_ckpt, tiny_ds):
     loaded = load_checkpoint_model(tiny_ckpt)
     audio = _inputs(tiny_ds)
@@ -45,6 +47,7 @@ def test_greedy_stream_matches_teacher_forced_forward(tiny_ckpt, tiny_ds):
     assert T > 3 * loaded.lm.transformer.layers[1].gating.config.chunk_size
 
 
+@pytest.mark.numerics
 def test_batch_of_two_equals_two_separate_runs(tiny_ckpt, tiny_ds):
     loaded = load_checkpoint_model(tiny_ckpt)
     audio = _inputs(tiny_ds)
@@ -57,6 +60,7 @@ def test_batch_of_two_equals_two_separate_runs(tiny_ckpt, tiny_ds):
         assert np.array_equal(one.audio_tokens[0], both.audio_tokens[b])
 
 
+@pytest.mark.numerics
 def test_frozen_updates_equal_the_exported_model_without_ttt(tiny_ckpt, tiny_ds):
     from moshi_ttt import ttt_gatings
 

@@ -123,13 +123,14 @@ def _toy_registered(monkeypatch):
 
 SHIPPED = list(VARIANTS)
 # "name+flag": the variant with a TTTConfig option that adds parameters (ParamGroup.when).
-ALL = [*SHIPPED, "inplace+write_gate", "toy"]
+ALL = [*SHIPPED, "inplace+write_gate", "inplace+write_gate+write_gate_input=key", "toy"]
 
 
 def config(variant, **kw):
-    """TTTConfig of a variant name, or of "name+flag" (the variant with that option set)."""
+    """TTTConfig of a variant name, or of "name+flag" / "name+key=value" (the variant with those options)."""
     name, *flags = variant.split("+")
-    return TTTConfig(variant=name, **dict.fromkeys(flags, True), **{"mlp_heads": 4, **kw})
+    opts = dict(f.split("=", 1) if "=" in f else (f, True) for f in flags)
+    return TTTConfig(variant=name, **opts, **{"mlp_heads": 4, **kw})
 
 
 def make(variant, seed=0, context=16, eta=0.5, **kw):
@@ -157,6 +158,7 @@ def test_the_registry_lists_the_shipped_variants_and_config_validates_against_it
         TTTConfig(variant="linear")
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("variant", ALL)
 def test_identity_at_init_in_training_and_streaming(variant):
     base, model = make(variant)
@@ -179,6 +181,7 @@ def test_identity_at_init_in_training_and_streaming(variant):
     # A multi-step piece is exact only when moshi's ring KV cache covers it and its history: context 64.
     [(16, [1] * 45), (64, [3, 7, 1, 13, 2, 19])],
 )
+@pytest.mark.numerics
 def test_streaming_equals_the_full_forward(variant, context, pieces):
     _, model = make(variant, context=context)
     perturb(model)
@@ -205,6 +208,7 @@ def _graph_steps(model, seq):
     return torch.cat(outs, 2)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("variant", ALL)
 def test_one_switch_turns_updates_off_in_every_forward_path(variant):
     _, model = make(variant)

@@ -152,7 +152,7 @@ def test_sweep_expansion_and_naming(tmp_path):
         "run_dir": str(runs[0].run_dir),
     }
     cmd = sweep.command(runs[0], nproc=8, python="python")
-    assert cmd[:4] == ["python", "-m", "torch.distributed.run", "--nproc-per-node=8"]
+    assert cmd[:5] == ["python", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=8"]
     assert "--ttt.eta=0.001" in cmd and f"--run_dir={runs[0].run_dir}" in cmd
 
 
@@ -192,8 +192,9 @@ def test_sweep_skips_finished_resumes_interrupted_and_collects(tmp_path):
     paths = sweep.write_results(rows)
     assert [p.name for p in paths] == ["results.csv", "results.md", "results.png"]
     assert "| chunk_size=8,eta=0.001,target_source=text_emb |" in (sweep.out_dir / "results.md").read_text()
-    wb = sweep.wandb_sweep()
+    (wb,) = sweep.wandb_sweeps("sweep.yaml")
     assert wb["method"] == "grid" and wb["parameters"]["ttt.eta"] == {"values": [0.001, 1.0]}
+    assert wb["metric"] == {"name": "eval/recall_acc_far", "goal": "maximize"}
 
 
 def test_a_list_of_grids_runs_their_union_and_collects_one_table(tmp_path):
@@ -216,8 +217,8 @@ def test_a_list_of_grids_runs_their_union_and_collects_one_table(tmp_path):
     paths = sweep.write_results(rows)
     assert [p.name for p in paths] == ["results.csv", "results.md", "results.png"]
     assert "| variant=mlp,eta=1 | mlp | 1 | - | done |" in (sweep.out_dir / "results.md").read_text()
-    with pytest.raises(ValueError, match="single product"):
-        sweep.wandb_sweep()
+    (wb,) = sweep.wandb_sweeps("sweep.yaml")  # a union: one sweep over the point index
+    assert wb["parameters"] == {"point": {"values": list(range(6))}}
     with pytest.raises(ValueError, match="more than once: eta=1"):
         Sweep.load(_sweep_file(tmp_path, grid=[{"ttt.eta": [1.0]}, {"ttt.eta": [1.0, 0.1]}]))
     with pytest.raises(ValueError, match="list of such maps"):
@@ -242,6 +243,9 @@ def test_sweep_cli_dry_run_and_commands(tmp_path):
         text=True,
     )
     assert out.stdout.count("torch.distributed.run") == 8
+    assert [line.rsplit("--run_dir=", 1)[1] for line in out.stdout.splitlines()] == [
+        str(r.run_dir) for r in Sweep.load(path).runs()
+    ]
 
 
 # ---------------------------------------------------------------- long-context evaluation

@@ -46,6 +46,7 @@ def test_onecycle_where_torch_divides_by_zero_starts_at_the_peak():
     assert onecycle_factor(1, 20, 0.05) < 1.0
 
 
+@pytest.mark.numerics
 def test_onecycle_schedule_resumes_exactly(tmp_path):
     from test_train import losses, tiny_cfg
 

@@ -14,8 +14,14 @@ from moshi_ttt.tiny import build_tiny_lm, tiny_lm_kwargs
 C = 8
 
 
+def user_streams(source: str) -> dict:
+    """Tiny-model kwargs with the other speaker's codebooks where the source reads them (the tests'
+    default tiny model has Moshi's own codebooks only)."""
+    return {"n_q": 8, "dep_q": 4} if source == "user_audio_emb" else {}
+
+
 def make(source="text_emb", layers=(0, 2), eta=0.05, seed=0, **kw):
-    base = build_tiny_lm(seed=seed, context=16, **kw)
+    base = build_tiny_lm(seed=seed, context=16, **{**user_streams(source), **kw})
     model = apply_ttt(
         copy.deepcopy(base), TTTConfig(chunk_size=C, eta=eta, layers=list(layers), target_source=source)
     )
@@ -27,6 +33,7 @@ def _outputs(model, codes):
     return out.logits[out.mask], out.text_logits[out.text_mask]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("source", TARGET_SOURCES)
 def test_equals_base_model_at_init_bit_for_bit(source):
     base, model = make(source)
@@ -40,6 +47,7 @@ def test_equals_base_model_at_init_bit_for_bit(source):
     assert not torch.allclose(a[0], c[0]) and not torch.allclose(a[1], c[1])
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("setting", ["bf16 model", "bf16 autocast"])
 def test_equals_base_model_at_init_bit_for_bit_in_bf16(setting):
     dtype = torch.bfloat16 if setting == "bf16 model" else torch.float32
@@ -104,8 +112,9 @@ def _stream(model, seq, pieces):
         (64, [3, 7, 1, 13, 2, 19]),
     ],
 )
+@pytest.mark.numerics
 def test_streaming_equals_full_forward(source, context, pieces):
-    base = build_tiny_lm(context=context)
+    base = build_tiny_lm(context=context, **user_streams(source))
     model = apply_ttt(base, TTTConfig(chunk_size=C, eta=0.05, layers=[0, 2], target_source=source))
     randomize_ttt(model)
     model.eval()
@@ -140,6 +149,7 @@ def test_streaming_updates_once_per_completed_chunk():
         assert torch.equal(gating.w_down, gating._streaming_state.w0)
 
 
+@pytest.mark.numerics
 def test_reset_one_element_leaves_the_other_and_equals_fresh_stream():
     _, model = make()
     randomize_ttt(model)
@@ -163,6 +173,7 @@ def test_reset_one_element_leaves_the_other_and_equals_fresh_stream():
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.numerics
 def test_exec_mask_freezes_masked_elements():
     _, model = make()
     randomize_ttt(model)
@@ -182,6 +193,7 @@ def test_exec_mask_freezes_masked_elements():
         assert not torch.equal(state.delta[0], w1)
 
 
+@pytest.mark.numerics
 def test_batch_of_two_equals_two_single_runs():
     _, model = make()
     randomize_ttt(model)
@@ -230,6 +242,7 @@ def test_frozen_slow_weights_get_no_grad():
         assert g.linear_in.weight.grad is None and g.w_down.grad is not None
 
 
+@pytest.mark.numerics
 def test_gradient_checkpointing_gives_the_same_gradients():
     _, plain = make()
     randomize_ttt(plain)
@@ -324,6 +337,7 @@ def _graph_steps(model, seq, modes):
     return torch.cat(outs, 2)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("modes", ["g" * 30, "e" * 7 + "g" * 12 + "e" * 3 + "g" * 8])
 def test_graph_mode_steps_equal_the_full_forward(modes):
     _, model = make()
@@ -338,6 +352,7 @@ def test_graph_mode_steps_equal_the_full_forward(modes):
     torch.testing.assert_close(streamed, full, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.numerics
 def test_graph_mode_respects_exec_mask_and_resets():
     _, model = make()
     randomize_ttt(model)
@@ -366,6 +381,7 @@ def test_graph_mode_respects_exec_mask_and_resets():
     torch.testing.assert_close(after[0], fresh[0], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.numerics
 def test_ttt_lmgen_equals_lmgen():
     from moshi_ttt import TTTLMGen
 
@@ -476,3 +492,30 @@ def test_target_conv_never_reads_the_next_chunk(depthwise):
         x3[:, s:] += 1.0
         gating_out = gating.forward(x, src=x3)
         assert torch.equal(gating_out[:, : s + C], y[:, : s + C])
+
+
+def test_user_audio_source_is_the_other_speakers_embeddings_only():
+    """``user_audio_emb`` hands the TTT layers the sum of the user's codebook embeddings
+    (``emb[dep_q:]``), computed here independently from the embedding tables."""
+    _, model = make("user_audio_emb", n_q=4, dep_q=2)
+    seen = []
+    gating = ttt_gatings(model)[0]
+    handle = gating.register_forward_pre_hook(lambda _m, args: seen.append(args[1]))
+    codes = random_codes(model, 2, 12)
+    with torch.no_grad():
+        model.forward_text(codes)
+        want = sum(model.emb[k](codes[:, 1 + k]) for k in (2, 3))
+    handle.remove()
+    torch.testing.assert_close(seen[0], want, rtol=0, atol=0)
+    other = codes.clone()
+    other[:, 0] = (other[:, 0] + 1) % model.text_card  # Moshi's text and own audio do not enter it
+    other[:, 1:3] = (other[:, 1:3] + 1) % model.card
+    with torch.no_grad():
+        model.forward_text(other)
+    assert torch.equal(seen[-1], seen[0])
+
+
+def test_user_audio_source_needs_the_users_codebooks():
+    base = build_tiny_lm(context=16, n_q=2, dep_q=2)
+    with pytest.raises(ValueError, match="user_audio_emb.*n_q=2, dep_q=2"):
+        apply_ttt(base, TTTConfig(chunk_size=C, layers=[0], target_source="user_audio_emb"))

@@ -90,6 +90,7 @@ def test_causality_chunks_after_i_do_not_change_earlier_outputs():
         assert torch.allclose(out3[:, : s + C], out[:, : s + C], atol=0, rtol=0)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("form", ["dual", "scan"])
 def test_batch_of_two_equals_two_single_runs(form):
     z, v, w0 = _inputs(2, 19, 5, 9, shared=False)
@@ -100,6 +101,7 @@ def test_batch_of_two_equals_two_single_runs(form):
         assert torch.allclose(wb, wf[b : b + 1], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.numerics
 def test_low_precision_inputs_use_float32_math():
     z, v, w0 = _inputs(2, 40, 8, 16, shared=True)
     zb, vb, wb = z.detach().bfloat16(), v.detach().bfloat16(), w0.detach().bfloat16()
@@ -111,6 +113,7 @@ def test_low_precision_inputs_use_float32_math():
     assert _rel(wf, ref_wf) < 1e-5
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("form", ["dual", "scan"])
 def test_bf16_base_term_is_moshis_linear_out_and_the_update_stays_float32(form):
     """Under bf16 autocast (float32 w0, bf16 z) the base term is exactly the autocast nn.Linear, in
@@ -194,6 +197,7 @@ def test_rejects_unknown_form():
         ttt_chunked(z, v, w0, 0.1, 2, form="fast")
 
 
+@pytest.mark.numerics
 def test_autocast_does_not_lower_the_fast_weight_math():
     z, v, w0 = _inputs(2, 40, 8, 16, shared=True)
     ref_out, _ = ttt_reference(z, v, w0, 0.2, 8)

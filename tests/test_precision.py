@@ -22,6 +22,8 @@ from moshi_ttt import TTTConfig, apply_ttt
 from moshi_ttt.ops import ttt_chunked, ttt_reference
 from moshi_ttt.tiny import build_tiny_lm
 
+pytestmark = pytest.mark.numerics  # precision modes against each other and a float64 reference
+
 U = 2.0**-8
 
 
@@ -131,6 +133,47 @@ def test_rejects_unknown_precision():
         ttt_chunked(z, v, w0, 0.1, 2, precision="fp16")
     with pytest.raises(ValueError, match="TTTConfig.update_precision"):
         TTTConfig(update_precision="tf32")
+
+
+def test_update_precision_under_cpu_autocast_rounds_only_the_ttt_term_operands():
+    """What ``update_precision`` changes on a CPU, native bf16 or not: under bf16 autocast the
+    gating's ``z`` and ``v`` are bf16; the op turns autocast off and multiplies in float32 (MKL), the
+    ``bf16`` setting first rounding its intermediate operands (score tiles ``Z Z^T``, the scan state)
+    to bf16. So the CPU's own bf16 matmuls never run the update math, and the two settings differ by
+    at most that rounding, derived here element by element:
+
+    - the TTT term is ``eta sum_j A_ij V_j`` with ``A = Z_i . Z_j`` (chunk(j) < chunk(i)); rounding
+      ``A`` (or the scan state ``sum_j V_j^T Z_j``) to bf16 moves it by at most ``u`` relative, so
+      the term moves by at most ``u eta ((M * |Z| |Z|^T) |V|)``, plus float32 summation error in
+      either setting (``n eps``, ``n = T + h`` terms, ``eps = 2^-24``);
+    - the base term ``Z W0^T`` is the same bf16 linear in both settings;
+    - each output is rounded once to bf16: ``|out - y| <= u |y| <= u / (1 - u) |out|``.
+    """
+    base = build_tiny_lm(seed=0, context=16)
+    model = apply_ttt(base, TTTConfig(chunk_size=8, eta=0.2, layers=[1]))
+    randomize_ttt(model)
+    gating = model.transformer.layers[1].gating
+    g = torch.Generator().manual_seed(3)
+    B, T = 2, 40
+    x = torch.randn(B, T, gating.dim, generator=g)
+    src = torch.randn(B, T, gating.dim, generator=g)
+    outs = {}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        z = gating.activations(x)
+        v = gating.update_target(src, z)
+        for prec in ("fp32", "bf16"):
+            gating.config.update_precision = prec
+            outs[prec] = gating(x, src)
+    assert z.dtype == v.dtype == outs["bf16"].dtype == torch.bfloat16  # the emulation is in effect
+    a, b = outs["fp32"].double(), outs["bf16"].double()
+    assert not torch.equal(a, b)  # the setting reaches the layer (and the TTT term is not negligible)
+    zd, vd = z.double(), v.double()
+    cid = torch.arange(T) // gating.config.chunk_size
+    M = (cid[None, :] < cid[:, None]).double()  # [T, T]: chunk(j) strictly before chunk(i)
+    reach = gating.config.eta * (M * (zd.abs() @ zd.abs().transpose(1, 2))) @ vd.abs()  # [B, T, d]
+    eps = 2.0**-24
+    bound = (U + 2 * (T + z.shape[-1]) * eps) * reach + (U + 2 * eps) / (1 - U) * (a.abs() + b.abs())
+    assert ((a - b).abs() <= bound).all(), ((a - b).abs() / bound).max()
 
 
 def _gating_errors(model64, model, codes, precision):

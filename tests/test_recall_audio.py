@@ -87,7 +87,9 @@ def test_fillers_only_replace_pad_and_keep_every_event():
         rates.append(changed.sum() / (a == plain.pad).sum())
     assert 0.35 < float(torch.stack(rates).mean()) < 0.65
     with pytest.raises(ValueError, match="filler_rate"):
-        RecallTask(2, filler_rate=1.0, **KW)
+        RecallTask(2, filler_rate=1.5, **KW)
+    dense = RecallTask(2, seed=2, filler_rate=1.0, **KW)  # text on every frame
+    assert (dense[0][0] != dense.pad).all() and dense.queries(0) == plain.queries(0)
 
 
 def test_recall_config_bank_needs_a_manifest_and_builds_from_the_tiny_dataset(tiny_ds, tmp_path):

@@ -40,7 +40,12 @@ def test_near_max_and_far_pairs_change_the_queries():
     with pytest.raises(ValueError, match="far_pairs must be in"):
         RecallTask(2, far_pairs=5, **KW)
     with pytest.raises(ConfigError, match="data.recall.far_pairs"):
-        load_config(None, {"data.recall.far_pairs": 0})
+        load_config(None, {"data.recall.far_pairs": -1})
+    with pytest.raises(ConfigError, match="data.recall.far_pairs"):
+        load_config(None, {"data.recall.far_pairs": 5})  # more than pairs (4)
+    assert load_config(None, {"data.recall.far_pairs": 0}).data.recall.far_pairs == 0  # in-window part alone
+    with pytest.raises(ValueError, match="near_max applies to facts in text only"):
+        RecallTask(2, near_max=5, facts="audio", **KW)
     with pytest.raises(ConfigError, match="data.recall.near_max"):
         load_config(None, {"data.recall.near_max": 2})
 

@@ -15,6 +15,7 @@ import aiohttp
 import numpy as np
 import pytest
 import sphn
+import torch
 from aiohttp import web
 
 from finetune.inference import read_user_audio
@@ -74,14 +75,18 @@ async def converse(
     *,
     pause_at: int | None = None,
     resume: asyncio.Event | None = None,
+    connected: asyncio.Event | None = None,
 ) -> Reply:
     """Send ``audio`` frame by frame (Ogg/Opus, kind 1); collect Moshi's voice and text until
-    ``expect_frames`` frames of voice came back. ``pause_at``: stop sending there until ``resume``."""
+    ``expect_frames`` frames of voice came back. ``pause_at``: stop sending there until ``resume``;
+    ``connected`` is set once the handshake came (the connection holds its slot from then on)."""
     reply = Reply()
     writer, reader = sphn.OpusStreamWriter(SR), sphn.OpusStreamReader(SR)
     async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
         first = await asyncio.wait_for(ws.receive(), TIMEOUT)
         reply.handshake = first.type == aiohttp.WSMsgType.BINARY and first.data == bytes([KIND_HANDSHAKE])
+        if connected is not None:
+            connected.set()
 
         async def send() -> None:
             for f in range(len(audio) // FRAME):
@@ -108,6 +113,15 @@ async def converse(
         await sender
         reply.pcm = np.concatenate(chunks) if chunks else reply.pcm
     return reply
+
+
+async def hold_slot(url: str, connected: asyncio.Event, release: asyncio.Event) -> None:
+    """Take a slot (the first free one) and send nothing until ``release``: the slot stays idle."""
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+        first = await asyncio.wait_for(ws.receive(), TIMEOUT)
+        assert first.type == aiohttp.WSMsgType.BINARY and first.data == bytes([KIND_HANDSHAKE])
+        connected.set()
+        await release.wait()
 
 
 async def drop_mid_stream(url: str, audio: np.ndarray, frames: int) -> None:
@@ -162,46 +176,74 @@ def _frames(audio, server) -> int:
     return len(audio) // FRAME - server.batch.max_delay  # LMGen's output lags by max_delay frames
 
 
+def _fast_weights(batch, slot: int) -> list[torch.Tensor]:
+    """The slot's TTT state in every layer, with the updates of chunks that just completed applied
+    (TTTLMGen defers them to the next step; applying them now changes nothing that follows)."""
+    from moshi_ttt import ttt_gatings
+
+    gatings = list(ttt_gatings(batch.lm).values())
+    for g in gatings:
+        g.prepare_graph_step()
+    return [g._streaming_state.delta[slot].clone() for g in gatings]
+
+
 def _slot_schedule(batch, jobs: dict, p_active: float, seed: int) -> dict:
     """Drive a SlotBatch directly: ``jobs[slot]`` is a list of conversations (audio) taken one after
     another in that slot (the slot reset in between, as for a new caller); at each step a slot with
-    audio left runs with probability ``p_active``. Returns each conversation's text tokens and voice,
-    keyed by (slot, index in jobs[slot])."""
+    audio left runs with probability ``p_active``. Returns, keyed by (slot, index in jobs[slot]), each
+    conversation's text tokens, voice, text logits (before sampling) and final TTT state."""
     rng = np.random.default_rng(seed)
     B, F = batch.batch_size, batch.frame_size
     todo = {s: list(enumerate(convs)) for s, convs in jobs.items()}
     now: dict = {}  # slot -> (key, audio frames, frames sent)
     out: dict = {}
-    while True:
-        reset = np.zeros(B, dtype=bool)
-        for s in todo:
-            if (s not in now or now[s][2] == len(now[s][1])) and todo[s]:
-                i, audio = todo[s].pop(0)
-                now[s] = ((s, i), audio.reshape(-1, F), 0)
-                out[(s, i)] = ([], [])
-                reset[s] = True
-        if not reset.any() and all(sent == len(frames) for _, frames, sent in now.values()):
-            break
-        if reset.any():
-            batch.reset(reset)
-        pcm = np.zeros((B, F), dtype=np.float32)
-        active, first = np.zeros(B, dtype=bool), np.zeros(B, dtype=bool)
-        for s, (key, frames, sent) in now.items():
-            if sent < len(frames) and rng.random() < p_active:
-                pcm[s], active[s], first[s] = frames[sent], True, sent == 0
-                now[s] = (key, frames, sent + 1)
-        if active.any():
-            res = batch.step(pcm, active, first)
-            for s, (key, _, _) in now.items():
-                if res.valid[s]:
-                    out[key][0].append(int(res.text[s]))
-                    out[key][1].append(res.pcm[s])
-    return {k: (t, np.concatenate(v)) for k, (t, v) in out.items()}
+    logits: list[torch.Tensor] = []
+    hook = batch.lm.text_linear.register_forward_hook(lambda m, i, o: logits.append(o.detach().clone()))
+    try:
+        while True:
+            reset = np.zeros(B, dtype=bool)
+            for s in todo:
+                if (s not in now or now[s][2] == len(now[s][1])) and todo[s]:
+                    if s in now:
+                        out[now[s][0]][3].extend(_fast_weights(batch, s))
+                    i, audio = todo[s].pop(0)
+                    now[s] = ((s, i), audio.reshape(-1, F), 0)
+                    out[(s, i)] = ([], [], [], [])
+                    reset[s] = True
+            if not reset.any() and all(sent == len(frames) for _, frames, sent in now.values()):
+                break
+            if reset.any():
+                batch.reset(reset)
+            pcm = np.zeros((B, F), dtype=np.float32)
+            active, first = np.zeros(B, dtype=bool), np.zeros(B, dtype=bool)
+            for s, (key, frames, sent) in now.items():
+                if sent < len(frames) and rng.random() < p_active:
+                    pcm[s], active[s], first[s] = frames[sent], True, sent == 0
+                    now[s] = (key, frames, sent + 1)
+            if active.any():
+                logits.clear()
+                res = batch.step(pcm, active, first)
+                for s, (key, _, _) in now.items():
+                    if res.valid[s]:
+                        out[key][0].append(int(res.text[s]))
+                        out[key][1].append(res.pcm[s])
+                        out[key][2].append(logits[-1][s])
+        for s, (key, _, _) in now.items():
+            out[key][3].extend(_fast_weights(batch, s))
+    finally:
+        hook.remove()
+    return {k: (t, np.concatenate(v), torch.stack(lg), w) for k, (t, v, lg, w) in out.items()}
 
 
+@pytest.mark.numerics
 def test_slot_batch_masks_and_resets_keep_slots_independent(tiny_ckpt, voices, tiny_ds):
     """At the model level: random exec masks (slots stepping at random moments), a slot reset for a
-    new caller while the other slot is mid-conversation; each conversation equals itself alone."""
+    new caller while the other slot is mid-conversation, and both slots in lockstep (their chunks end
+    on the same steps); each conversation equals itself alone in the same slot, bit for bit: text
+    logits before sampling, tokens, voice and final fast weights. Exact by construction (whole-batch
+    steps, ``torch.where`` masks, per-slot TTT updates). The lockstep run is the one that caught a
+    batched update over the slots that finished a chunk together: with MKL's AVX2 kernels
+    (``make test-avx2``) it rounded differently from a slot's update alone."""
     from finetune.inference import load_checkpoint_model
     from finetune.serve import SlotBatch
 
@@ -214,13 +256,21 @@ def test_slot_batch_masks_and_resets_keep_slots_independent(tiny_ckpt, voices, t
     batch = SlotBatch(loaded.lm, loaded.mimi, 2, Sampling(greedy=True))
     try:
         mixed = _slot_schedule(batch, {0: [x, a], 1: [b]}, p_active=0.6, seed=0)
+        lockstep = _slot_schedule(batch, {0: [a], 1: [b]}, p_active=1.0, seed=0)
         alone_a = _slot_schedule(batch, {0: [a]}, p_active=1.0, seed=0)[(0, 0)]
-        alone_b = _slot_schedule(batch, {0: [b]}, p_active=1.0, seed=0)[(0, 0)]
+        alone_b = _slot_schedule(batch, {1: [b]}, p_active=1.0, seed=0)[(1, 0)]
     finally:
         batch.close()
     assert len(alone_a[0]) == 24 - batch.max_delay
-    assert mixed[(0, 1)][0] == alone_a[0] and np.array_equal(mixed[(0, 1)][1], alone_a[1])
-    assert mixed[(1, 0)][0] == alone_b[0] and np.array_equal(mixed[(1, 0)][1], alone_b[1])
+    pairs = [(mixed[(0, 1)], alone_a), (mixed[(1, 0)], alone_b)]
+    pairs += [(lockstep[(0, 0)], alone_a), (lockstep[(1, 0)], alone_b)]
+    for together, alone in pairs:
+        assert together[0] == alone[0]
+        assert np.array_equal(together[1], alone[1])
+        assert torch.equal(together[2], alone[2])
+        assert len(together[3]) == len(alone[3]) > 0
+        assert all(torch.equal(w, w_alone) for w, w_alone in zip(together[3], alone[3]))
+        assert all(w.any() for w in alone[3])  # the fast weights moved
     assert alone_a[0] != alone_b[0]
 
 
@@ -242,22 +292,35 @@ def test_conversation_gets_voice_and_text_back(tiny_ckpt, voices):
     assert set(reply.text) <= vocab
 
 
+@pytest.mark.numerics
 def test_concurrent_conversations_equal_each_alone(tiny_ckpt, voices):
     """Fast weights (and everything else) are per slot: two conversations at once, one of them pausing
-    mid-way while the other goes on, get exactly what each gets alone. With TTT updates off the output
-    changes, so the TTT state really shapes what is compared."""
+    mid-way while the other goes on, get exactly what each gets alone in the same slot. Exact by
+    construction: every step runs the whole batch (same shapes whoever is active), idle slots are
+    masked with ``torch.where``, and each slot's TTT update is computed alone. The slot is pinned
+    (an idle client holds slot 0 while b talks alone in slot 1): another slot index may round
+    differently on some CPUs (README, "Slots"). With TTT updates off the output changes, so the TTT
+    state really shapes what is compared."""
 
     async def main():
         a, b = voices
         async with serving(tiny_ckpt, 2) as (server, url):
             na, nb = _frames(a, server), _frames(b, server)
-            alone_a = await converse(url, a, na)
+            alone_a = await converse(url, a, na)  # slot 0, slot 1 free
             await wait_free(server)
-            alone_b = await converse(url, b, nb)
+            held, release = asyncio.Event(), asyncio.Event()
+            holder = asyncio.create_task(hold_slot(url, held, release))
+            await asyncio.wait_for(held.wait(), TIMEOUT)
+            assert server.slots[0] is not None
+            alone_b = await converse(url, b, nb)  # slot 1, slot 0 idle
+            release.set()
+            await holder
             await wait_free(server)
-            resume = asyncio.Event()
+            a_in, resume = asyncio.Event(), asyncio.Event()
+            task_a = asyncio.create_task(converse(url, a, na, connected=a_in))
+            await asyncio.wait_for(a_in.wait(), TIMEOUT)  # a holds slot 0 before b connects
             task_b = asyncio.create_task(converse(url, b, nb, pause_at=12, resume=resume))
-            both_a = await converse(url, a, na)  # b is paused meanwhile: a must not wait for it
+            both_a = await task_a  # b is paused meanwhile: a must not wait for it
             resume.set()
             both_b = await task_b
         async with serving(tiny_ckpt, 2, ttt_updates=False) as (server, url):
@@ -272,6 +335,7 @@ def test_concurrent_conversations_equal_each_alone(tiny_ckpt, voices):
     assert not np.array_equal(alone_a.pcm, frozen_a.pcm)
 
 
+@pytest.mark.numerics
 def test_reconnect_and_dropped_client_start_from_a_reset_slot(tiny_ckpt, voices):
     async def main():
         a, other = voices
@@ -294,6 +358,7 @@ def test_reconnect_and_dropped_client_start_from_a_reset_slot(tiny_ckpt, voices)
     assert same(fresh, after_drop)
 
 
+@pytest.mark.numerics
 def test_moshi_client_works_unchanged(tiny_ckpt, voices, monkeypatch):
     """moshi 0.2.13's own command-line client (``moshi.client.Connection``, its sound devices replaced by
     stand-ins that this test drives frame by frame) gets the same voice and text as the client above."""
@@ -453,3 +518,36 @@ def test_static_web_ui_and_cli_errors(tiny_ckpt, tmp_path, monkeypatch):
     assert index == (200, "<html>moshi web UI</html>") and asset == (200, "console.log('ok')")
     assert serve_main([str(tmp_path / "nope"), "--static", "none"]) == 2
     assert serve_main([str(tiny_ckpt), "--static", str(tmp_path / "missing")]) == 2
+
+
+def test_under_load_no_slot_leaks_and_every_client_gets_its_answer(tiny_ckpt, tmp_path):
+    """The short version of scripts/load_serve.py (the full one: 40 clients over 5 minutes, figures in
+    the README): 12 clients over 20 s against 4 slots, every role (talking, reading slowly, dropping
+    mid-stream, a bad message, going silent) and a burst of 6 at once, against the real server process."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "load.json"
+    res = subprocess.run(
+        [sys.executable, "scripts/load_serve.py", str(tiny_ckpt), "--clients", "12", "--duration", "20"]
+        + ["--json", str(out), "--log", str(tmp_path / "server.log")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr + (tmp_path / "server.log").read_text()[-3000:]
+    r = json.loads(out.read_text())
+    assert all(r["checks"].values()) and r["clients"] == 12
+    assert r["refused"] >= 2 and r["refused_with_busy_message"] == r["refused"]  # the burst: 6 for 4 slots
+    assert all(n >= 1 for n in r["admitted_by_role"].values()), r["admitted_by_role"]  # every role was served
+    assert r["good_with_audio_and_text"] == r["good"] >= 3
+    assert r["slots_free_at_end"] == 4 and r["one_more_refused_at_end"]
+    assert r["server_log"]["connected"] == r["server_log"]["left"] == r["admitted"]
+    # Flat memory: what one more conversation costs is its Opus codecs and queues (kilobytes); 32 MiB over
+    # a dozen conversations would be a leak of megabytes per conversation.
+    assert r["rss_mib"]["end"] - r["rss_mib"]["start"] < 32, r["rss_mib"]
+    assert "all checks hold" in res.stdout

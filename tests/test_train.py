@@ -71,7 +71,10 @@ def final_weights(run_dir) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     data = yaml.safe_load(path.read_text())
-    if "base" in data and "grid" in data:  # a sweep file: its base config must validate
+    if "base" in data and "grid" in data:  # a sweep file: every point's config must validate
+        from finetune.sweep import Sweep
+
+        Sweep.load(path)
         return
     load_config(path)
 
@@ -194,6 +197,7 @@ def test_loss_decreases_and_checkpoint_layout(tmp_path, capsys):
     assert re.search(r"step 30 \| ttt/base L1 \d\.\de[-+]\d\d .*\| dW/W0 L1 ", capsys.readouterr().out)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_resume_equals_straight_run(tmp_path, mode):
     over = {"finetune": mode, "grad_accum": 2}
@@ -296,16 +300,24 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
     assert [r["in_a_row"] for r in rec if r["kind"] == "skip"] == [1, 2, 3]
 
 
+@pytest.mark.numerics
 def test_bf16_autocast_on_cpu_trains_with_either_update_precision(tmp_path):
-    """precision: bf16 runs CPU autocast (how the recall task checks bf16 update math on CPU)."""
+    """precision: bf16 runs CPU autocast (how the recall task checks bf16 update math on CPU), with
+    either update precision. What the setting changes is tested on one gating, where its effect is
+    bounded (test_precision.py); here the TTT term is tiny (eta 0.05, a target path trained from zero
+    for 3 steps), so whether its one bf16 rounding survives the rounding of the layer's bf16 output
+    and moves the loss depends on the CPU's kernels: the loss is not compared after step 1."""
+    from moshi_ttt import load_ttt_config
+
     runs = {}
     for prec in ("fp32", "bf16"):
         train(tiny_cfg(tmp_path / prec, max_steps=4, precision="bf16", **{"ttt.update_precision": prec}))
         runs[prec] = losses(tmp_path / prec)
+        ckpt = list_checkpoints(tmp_path / prec)[-1][1]
+        assert load_ttt_config(ckpt / "ttt.safetensors").update_precision == prec
     assert all(torch.isfinite(torch.tensor(list(r.values()))).all() for r in runs.values())
+    assert sorted(runs["fp32"]) == sorted(runs["bf16"]) == [1, 2, 3, 4]
     assert runs["fp32"][1] == runs["bf16"][1]  # the target path starts at zero: no TTT term yet
-    assert runs["fp32"][4] != runs["bf16"][4]  # afterwards the setting is in effect...
-    assert runs["fp32"][4] == pytest.approx(runs["bf16"][4], rel=1e-2)  # ...at bf16 rounding level
 
 
 # ---------------------------------------------------------------- modes and exports
@@ -417,6 +429,7 @@ def _run(args, nproc=1):
     return res
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, strategy):
     one, two = tmp_path / "one", tmp_path / "two"

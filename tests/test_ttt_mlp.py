@@ -154,6 +154,7 @@ def _layer(eta=0.5, C=4, qk_norm=False, seed=0):
     return layer.eval()
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_layer_streaming_equals_the_training_forward_with_per_element_resets_and_exec_mask(qk_norm):
     # Batch of 3 streamed token by token (C = 4). Element 0 is reset mid-chunk at step 6, element 2 at
@@ -189,6 +190,7 @@ def test_layer_streaming_equals_the_training_forward_with_per_element_resets_and
     assert (frozen - torch.stack(outs[2])).abs().max() > 1e-3
 
 
+@pytest.mark.numerics
 def test_layer_streaming_in_uneven_pieces_equals_the_training_forward():
     layer = _layer(C=4)
     x = torch.randn(2, 21, layer.dim)
@@ -199,6 +201,7 @@ def test_layer_streaming_in_uneven_pieces_equals_the_training_forward():
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.numerics
 def test_layer_streaming_in_pieces_with_elements_at_different_chunk_positions():
     # Element 0 is reset after 3 steps, so the two elements sit at different positions of their chunks;
     # then element 1 skips a 6-step piece (exec_mask False), running past its chunk's end meanwhile.
@@ -336,6 +339,7 @@ def test_gate_gets_gradient_at_init_and_forward_never_mutates_parameters():
 # Streaming == full forward in the model: tests/test_layer_contract.py, for every variant.
 
 
+@pytest.mark.numerics
 def test_reset_one_element_and_reset_equals_fresh():
     _, model = make()
     _open_gate(model)

@@ -38,8 +38,9 @@ def _gating(dtype=torch.float64, seed=0, **kw):
 
 
 def _reference(g: TTTGating, x: torch.Tensor, src: torch.Tensor):
-    """Loop reference: Z, then per chunk and step the conv over the chunk, W_target, the gate; then the
-    sequential fast-weight recurrence (``ttt_reference``)."""
+    """Loop reference: Z, then per chunk and step the conv over the chunk, W_target, the gate (of the
+    source step, or of the key ``z_t`` with ``write_gate_input: key``); then the sequential fast-weight
+    recurrence (``ttt_reference``)."""
     y = x @ g.linear_in.weight.T  # [B, T, 2h]
     h = y.shape[-1] // 2
     z = F.silu(y[..., :h]) * y[..., h:]
@@ -52,14 +53,16 @@ def _reference(g: TTTGating, x: torch.Tensor, src: torch.Tensor):
             for k in range(K):
                 if t + k < e:  # the conv never reads past its chunk
                     acc = acc + src[:, t + k] * g.target_conv[:, 0, k]
-            gate = 2 * torch.sigmoid(src[:, t] @ g.write_gate_w + g.write_gate_b)  # [B]
+            gate_in = z[:, t] if g.config.write_gate_input == "key" else src[:, t]
+            gate = 2 * torch.sigmoid(gate_in @ g.write_gate_w + g.write_gate_b)  # [B]
             v[:, t] = gate[:, None] * (acc @ g.target_proj.T)
     return ttt_reference(z, v, g.w_down, g.config.eta, C)
 
 
+@pytest.mark.parametrize("gate_input", ["source", "key"])
 @pytest.mark.parametrize("form", ["dual", "scan"])
-def test_gated_layer_equals_the_reference_with_every_gradient(form):
-    g = _gating(fast_form=form)
+def test_gated_layer_equals_the_reference_with_every_gradient(form, gate_input):
+    g = _gating(fast_form=form, write_gate_input=gate_input)
     B, T = 2, 3 * C + 1
     x = torch.randn(B, T, D, dtype=torch.float64, requires_grad=True)
     src = torch.randn(B, T, D, dtype=torch.float64, requires_grad=True)
@@ -76,10 +79,12 @@ def test_gated_layer_equals_the_reference_with_every_gradient(form):
     assert grads[2].abs().sum() > 0 and grads[3].abs().sum() > 0  # the gate learns
 
 
+@pytest.mark.numerics
+@pytest.mark.parametrize("gate_input", ["source", "key"])
 @pytest.mark.parametrize("form", ["dual", "scan"])
-def test_streamed_final_state_of_the_gated_layer_equals_the_reference(form):
+def test_streamed_final_state_of_the_gated_layer_equals_the_reference(form, gate_input):
     """Token by token, the fast weight after 3 chunks equals the reference's final state."""
-    g = _gating(fast_form=form).eval()
+    g = _gating(fast_form=form, write_gate_input=gate_input).eval()
     B, T = 2, 3 * C
     x = torch.randn(B, T, D, dtype=torch.float64)
     src = torch.randn(B, T, D, dtype=torch.float64)
@@ -130,6 +135,7 @@ def _model(**kw):
     return model.eval()
 
 
+@pytest.mark.numerics
 def test_reset_of_one_element_with_the_gate_equals_a_fresh_stream():
     model = _model()
     a, b = random_codes(model, 2, 11), random_codes(model, 2, 13)
@@ -155,6 +161,7 @@ def test_training_forward_writes_no_parameter():
     assert all(gr is not None and gr.abs().sum() > 0 for gr in gates)
 
 
+@pytest.mark.numerics
 def test_bf16_model_keeps_float32_fast_weights_and_matches_float32():
     model = _model()
     codes = random_codes(model, 2, 3 * C + 1)
@@ -173,3 +180,24 @@ def test_bf16_model_keeps_float32_fast_weights_and_matches_float32():
 def test_write_gate_is_an_inplace_option():
     with pytest.raises(ValueError, match="TTTConfig.write_gate: is an In-Place TTT option"):
         TTTConfig(variant="mlp", write_gate=True)
+
+
+def test_the_key_gate_reads_the_layers_own_activations():
+    """``write_gate_input: key``: one gate weight per hidden unit; chunk 1 reads chunk 0's writes, each
+    scaled by ``2 sigmoid(z_s . w + b)`` of its own key, whatever the source holds."""
+    g = _gating(write_gate_input="key")
+    assert g.write_gate_w.shape == (g.hidden,) and g.hidden != g.dim
+    B, T = 2, 2 * C
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    src = torch.randn(B, T, D, dtype=torch.float64)
+    with torch.no_grad():
+        out = g(x, src)
+        z, v = g.activations(x), g.target(src)  # target(): the source's target, ungated
+        gates = 2 * torch.sigmoid(z @ g.write_gate_w + g.write_gate_b)  # [B, T]
+        assert gates.std() > 0.1  # the gates differ from step to step
+        expect = F.linear(z, g.w_down)
+        written = gates[:, :C, None] * v[:, :C]
+        expect[:, C:] += g.config.eta * (z[:, C:] @ z[:, :C].transpose(1, 2)) @ written
+        torch.testing.assert_close(out, expect, rtol=1e-10, atol=1e-10)
+        # The source does not enter the gate: another source changes V, not the gates.
+        assert torch.equal(g.gate(z), 2 * torch.sigmoid(z @ g.write_gate_w + g.write_gate_b)[..., None])

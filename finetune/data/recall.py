@@ -27,12 +27,32 @@ The audio codebooks (``audio``):
   start chosen by ``(seed, index)``, so a small bank still gives varied audio.
 
 With live audio the fast weight's keys (the MLP activations ``Z``) are driven by the audio as much
-as by the text, which is what Moshi meets in real conversations. Items are functions of
-``(seed, index)``.
+as by the text, which is what Moshi meets in real conversations.
+
+Where the facts are stated (``facts``):
+
+- ``text``: the definitions and queries above, in Moshi's own text stream;
+- ``audio``: the other speaker states them in their audio codebooks (Moshi's input only: the user's
+  words never reach Moshi as text). Every symbol (the definition and query markers, each key, each
+  value) is a fixed code pattern of ``pattern_frames`` frames on the user's codebooks, the same for
+  every sequence; a definition is ``DEF key value`` and a query ``QRY key`` in the user's audio, and
+  Moshi answers the value in its text stream one frame after the query's key has fully arrived (its
+  delayed codebooks included). The text stream holds PAD except the answers;
+- with ``echo``, Moshi repeats each fact it hears in its own text stream (``key value`` after a
+  definition, ``key`` before its answer), as Moshi acknowledges what it is told in conversation;
+  scored with Moshi's own text (``scripts/eval_long_context.py --free-text``), the echo must come
+  from what Moshi heard, not from the data;
+- ``speech``: as ``audio``, with each symbol a spoken word: the Mimi codes of that word as espeak
+  says it (``word_codes``, made by ``scripts/make_word_codes.py`` with the Mimi of the data), so
+  patterns differ in length from word to word.
+
+The audio modes above fill every frame the facts leave free (the user's stream between facts, and
+Moshi's own stream everywhere). Items are functions of ``(seed, index)``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -47,8 +67,10 @@ logger = logging.getLogger(__name__)
 DEF, QRY = 4, 5
 FIRST_KEY = 6
 AUDIO_MODES = ("silent", "uniform", "markov", "bank")
+FACT_MODES = ("text", "audio", "speech")
 _MARKOV_SEED = 20261130  # the audio "language": one transition table for every sequence and split
 _MARKOV_BRANCHING = 4
+_PATTERN_SEED = 20261205  # the spoken symbols of facts: audio: one code pattern per symbol, every split
 
 
 @dataclass(frozen=True)
@@ -80,10 +102,26 @@ class RecallTask(Dataset):
         audio_bank: list[torch.Tensor] | None = None,
         filler_rate: float = 0.0,
         num_fillers: int = 16,
+        facts: str = "text",
+        dep_q: int | None = None,
+        pattern_frames: int = 2,
+        word_codes: list[torch.Tensor] | None = None,
         far_pairs: int | None = None,
+        echo: bool = False,
         near_max: int | None = None,
     ) -> None:
         need = FIRST_KEY + num_keys + num_values + (num_fillers if filler_rate > 0 else 0)
+        if facts not in FACT_MODES:
+            raise ValueError(f"recall task: facts must be one of {', '.join(FACT_MODES)}, got {facts!r}")
+        self.facts = facts
+        if echo and facts == "text":
+            raise ValueError("recall task: echo repeats facts stated in audio in Moshi's text; facts is text")
+        self.echo = echo
+        self.dep_q = n_q // 2 if dep_q is None else dep_q
+        if facts != "text":
+            self._symbols = self._spoken_symbols(
+                facts, n_q - self.dep_q, 2 + num_keys + num_values, pattern_frames, card, word_codes
+            )
         if need > text_card:
             raise ValueError(f"recall task needs {need} text ids, model has {text_card}")
         if audio not in AUDIO_MODES:
@@ -100,16 +138,22 @@ class RecallTask(Dataset):
                 raise ValueError(
                     f"recall task: an audio bank stream has {short} frames, need at least {num_frames}"
                 )
-        if not 0.0 <= filler_rate < 1.0:
-            raise ValueError(f"recall task: filler_rate must be in [0, 1), got {filler_rate}")
+        if not 0.0 <= filler_rate <= 1.0:
+            raise ValueError(f"recall task: filler_rate must be in [0, 1], got {filler_rate}")
         if pairs > num_keys:
             raise ValueError(f"recall task: pairs ({pairs}) must be <= num_keys ({num_keys})")
-        # How many pairs are queried far (the others near); default: half, rounded up.
+        # How many pairs are queried far (the others near); default: half, rounded up. 0 gives the
+        # in-window part alone (what a base model without TTT can learn).
         self.far_pairs = (pairs + 1) // 2 if far_pairs is None else far_pairs
-        if not 1 <= self.far_pairs <= pairs:
-            raise ValueError(f"recall task: far_pairs must be in [1, pairs={pairs}], got {far_pairs}")
+        if isinstance(self.far_pairs, bool) or not 0 <= self.far_pairs <= pairs:
+            raise ValueError(f"recall task: far_pairs must be in [0, pairs={pairs}], got {far_pairs}")
         # The largest near distance (steps from the definition's value to the query's): by default
         # the whole window less the markers, so near distances scale with the window.
+        if near_max is not None and facts != "text":
+            raise ValueError(
+                f"recall task: near_max applies to facts in text only (facts is {facts!r}: a spoken near "
+                "query already takes what the window leaves); leave it null"
+            )
         self.near_max = max(3, context - 5) if near_max is None else near_max
         if not 3 <= self.near_max <= max(3, context - 5):
             raise ValueError(
@@ -119,7 +163,7 @@ class RecallTask(Dataset):
         # Far queries are this many steps after their definition. Stacked layers see further than one
         # attention window (about num_layers * (context - 1) steps): pass that for a strict test.
         self.far_min = far_min if far_min is not None else context + 2
-        if num_frames < 3 * pairs + self.far_min + 3 * pairs:
+        if facts == "text" and num_frames < 3 * pairs + self.far_min + 3 * pairs:
             raise ValueError(
                 f"recall task: {num_frames} frames cannot hold {pairs} definitions and far queries beyond a "
                 f"{context}-step window; use longer sequences (data.duration_sec) or fewer pairs"
@@ -137,15 +181,148 @@ class RecallTask(Dataset):
         if audio == "markov":
             g = torch.Generator().manual_seed(_MARKOV_SEED)
             self._succ = torch.randint(0, card, (n_q, card, _MARKOV_BRANCHING), generator=g)
+        if facts != "text":
+            self._check_spoken_fits(*self._spans())
 
     def __len__(self) -> int:
         return self.num_items
+
+    # ------------------------------------------------------------------ facts stated in audio
+    @staticmethod
+    def _spoken_symbols(facts, n_user, n_symbols, pattern_frames, card, word_codes) -> list[torch.Tensor]:
+        """The user-stream codes ``[n_user, frames]`` of every symbol: the DEF and QRY markers, then
+        the keys, then the values."""
+        if n_user < 1:
+            raise ValueError(
+                "recall task: facts in audio need a model with the other speaker's codebooks (n_q > dep_q)"
+            )
+        if facts == "audio":
+            if not isinstance(pattern_frames, int) or pattern_frames < 1:
+                raise ValueError(
+                    f"recall task: pattern_frames must be an integer >= 1, got {pattern_frames!r}"
+                )
+            g = torch.Generator().manual_seed(_PATTERN_SEED)
+            table = torch.randint(0, card, (n_symbols, n_user, pattern_frames), generator=g)
+            return list(table)
+        if word_codes is None or len(word_codes) < n_symbols:
+            have = None if word_codes is None else len(word_codes)
+            raise ValueError(
+                f"recall task: facts 'speech' needs word_codes for {n_symbols} words (2 markers, the keys, "
+                f"the values), got {have}; make them with scripts/make_word_codes.py"
+            )
+        out = []
+        for i, w in enumerate(word_codes[:n_symbols]):
+            if w.dim() != 2 or w.shape[0] < n_user or w.shape[1] < 1:
+                raise ValueError(
+                    f"recall task: word {i}'s codes have shape {tuple(w.shape)}, need [>= {n_user} codebooks, frames]"
+                )
+            if int(w.max()) >= card or int(w.min()) < 0:
+                raise ValueError(f"recall task: word {i}'s codes are outside the model's 0..{card - 1}")
+            out.append(w[:n_user].long())
+        return out
+
+    def _word(self, kind: str, i: int = 0) -> torch.Tensor:
+        off = {"def": 0, "qry": 1, "key": 2, "value": 2 + self.num_keys}[kind]
+        return self._symbols[off + i]
+
+    def _spans(self) -> tuple[int, int]:
+        """The longest definition (``DEF key value``) and query (``QRY key`` + a frame for the delayed
+        codebooks + the answer frame) in frames."""
+        lk = max(w.shape[1] for w in self._symbols[2 : 2 + self.num_keys])
+        lv = max(w.shape[1] for w in self._symbols[2 + self.num_keys :])
+        e = 3 if self.echo else 0  # a frame for the delayed codebooks, then "key value" in text
+        return self._word("def").shape[1] + lk + lv + e, self._word("qry").shape[1] + lk + 2 + self.echo
+
+    def _check_spoken_fits(self, d: int, q: int) -> None:
+        num_frames, context, pairs = self.num_frames, self.context, self.pairs
+        n_far = self.far_pairs
+        if pairs > n_far and d + q - 1 > context - 1:
+            raise ValueError(
+                f"recall task: a spoken definition ({d} frames) and its query ({q}) do not fit in one "
+                f"{context}-step attention window for the near queries; use shorter patterns or words, a "
+                "longer window, or pairs: 1"
+            )
+        # Far definitions (with their gaps), then the near pairs (each inside one window), then the far
+        # queries, the first of which must wait far_min after the far definitions: the worst case.
+        defs = n_far * (d + 2)
+        need = max(defs + (pairs - n_far) * (context + 2), defs + self.far_min) + n_far * (q + 1)
+        if num_frames < need:
+            raise ValueError(
+                f"recall task: {num_frames} frames cannot hold {pairs} spoken definitions and their far "
+                f"queries beyond the receptive field (about {need} needed); use longer sequences "
+                "(data.duration_sec) or fewer pairs"
+            )
+
+    def _spoken_layout(
+        self, g: torch.Generator
+    ) -> tuple[torch.Tensor, list[Query], list[tuple[int, torch.Tensor]]]:
+        """Text stream ``[T]`` (PAD and the answers), queries, and the user-stream patterns to
+        overlay as ``(start frame, codes [n_user, frames])``."""
+        T, P = self.num_frames, self.pairs
+        text = torch.full((T,), self.pad, dtype=torch.long)
+        keys = torch.randperm(self.num_keys, generator=g)[:P].tolist()
+        values = torch.randint(0, self.num_values, (P,), generator=g).tolist()
+        n_far = self.far_pairs
+        queries: list[Query] = []
+        spoken: list[tuple[int, torch.Tensor]] = []
+
+        def rand(lo: int, hi: int) -> int:
+            return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+        def define(p: int, i: int) -> int:
+            """Say ``DEF key value`` from frame ``p`` (with ``echo``, Moshi then says ``key value`` in
+            its text); returns the fact's last frame."""
+            for w in (self._word("def"), self._word("key", keys[i]), self._word("value", values[i])):
+                spoken.append((p, w))
+                p += w.shape[1]
+            if not self.echo:
+                return p - 1
+            text[p + 1 : p + 3] = torch.tensor([FIRST_KEY + keys[i], self.first_value + values[i]])
+            return p + 2
+
+        def query_len(i: int) -> int:
+            return self._word("qry").shape[1] + self._word("key", keys[i]).shape[1] + 2 + self.echo
+
+        def ask(q: int, i: int, anchor: int, far: bool) -> int:
+            """Say ``QRY key`` from frame ``q``; Moshi answers in text (with ``echo``: ``key value``);
+            returns the answer's frame."""
+            for w in (self._word("qry"), self._word("key", keys[i])):
+                spoken.append((q, w))
+                q += w.shape[1]
+            answer = q + 1 + self.echo  # the key's delayed codebooks arrive one frame later
+            if self.echo:
+                text[answer - 1] = FIRST_KEY + keys[i]
+            text[answer] = self.first_value + values[i]
+            queries.append(Query(answer, answer - anchor, self.first_value + values[i], far))
+            return answer
+
+        anchor = {}
+        p = rand(0, 2)
+        for i in range(n_far):  # 1. far definitions at the start
+            anchor[i] = define(p, i)
+            p = anchor[i] + 1 + rand(0, 2)
+        for i in range(n_far, P):  # 2. near pairs, definition and query inside one window
+            start = p
+            anchor[i] = define(p, i)
+            room = self.context - 1 - (anchor[i] + 1 - start) - query_len(i)
+            q = anchor[i] + 1 + rand(0, max(0, room))
+            p = ask(q, i, anchor[i], False) + 1 + rand(0, 2)
+        for i in range(n_far):  # 3. far queries, each answer >= far_min after its definition
+            lo = max(p, anchor[i] + self.far_min - (query_len(i) - 1))
+            slots = (T - query_len(i) - lo) // max(1, n_far - i)
+            if slots < 0:
+                break
+            p = ask(lo + rand(0, slots), i, anchor[i], True) + 1
+        return text, queries, spoken
 
     def layout(self, index: int) -> tuple[torch.Tensor, list[Query]]:
         """Text stream ``[T]`` and its queries."""
         if not 0 <= index < self.num_items:
             raise IndexError(index)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        if self.facts != "text":
+            text, queries, _ = self._spoken_layout(g)
+            return self._fill(text, g), queries
         T, P = self.num_frames, self.pairs
         text = torch.full((T,), self.pad, dtype=torch.long)
         keys = (torch.randperm(self.num_keys, generator=g)[:P] + FIRST_KEY).tolist()
@@ -184,12 +361,16 @@ class RecallTask(Dataset):
             put(q, QRY, i)
             queries.append(Query(q + 2, q + 2 - def_pos[i], values[i], True))
             p = q + 3
+        return self._fill(text, g), queries
+
+    def _fill(self, text: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Filler words on ``filler_rate`` of the PAD frames."""
         if self.filler_rate > 0:
             free = (text == self.pad).nonzero().flatten()
             take = torch.rand(len(free), generator=g) < self.filler_rate
             words = torch.randint(0, self.num_fillers, (int(take.sum()),), generator=g) + self.first_filler
             text[free[take]] = words
-        return text, queries
+        return text
 
     def queries(self, index: int) -> list[Query]:
         return self.layout(index)[1]
@@ -217,7 +398,13 @@ class RecallTask(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         text, _ = self.layout(index)
-        return torch.cat([text[None], self.audio_codes(index)], 0)
+        audio = self.audio_codes(index)
+        if self.facts != "text":
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+            _, _, spoken = self._spoken_layout(g)
+            for start, w in spoken:  # the other speaker's codebooks: rows dep_q .. n_q - 1
+                audio[self.dep_q :, start : start + w.shape[1]] = w
+        return torch.cat([text[None], audio], 0)
 
 
 def _audio_bank(dataset, num_frames: int) -> list[torch.Tensor]:
@@ -257,32 +444,40 @@ def receptive_field(lm) -> int | None:
     return None if context is None else len(lm.transformer.layers) * (context - 1)
 
 
-def recall_datasets(cfg, model) -> tuple[RecallTask, RecallTask]:
+def recall_datasets(cfg, model):
     """Train and eval recall sets of a training config (``data.recall``) for moshi ``model``: far
-    queries lie beyond the model's receptive field."""
+    queries lie beyond the model's receptive field (and, for facts in audio, beyond it by the
+    codebooks' delays too). With ``data.recall.conversations`` the training set mixes in windows of
+    the ``data.train`` conversations (:class:`MixedTask`); the eval set stays the recall task."""
     receptive = receptive_field(model)
     if receptive is None:
         raise ConfigError(
             "data.source recall: the task needs a model with a limited attention window (model.tiny.context)"
         )
     r = cfg.data.recall
-    if r.far_min is not None and r.far_min < receptive + 2:
+    far_floor = receptive + 2 + (max(model.delays) if r.facts != "text" else 0)
+    if r.far_min is not None and r.far_min < far_floor:
         raise ConfigError(
             f"data.recall.far_min: {r.far_min} steps is within reach of attention (receptive field "
-            f"{receptive} steps: {len(model.transformer.layers)} layers x (window - 1)); use >= {receptive + 2} or null"
+            f"{receptive} steps: {len(model.transformer.layers)} layers x (window - 1), plus the codebook "
+            f"delays for facts in audio); use >= {far_floor} or null"
         )
-    banks = (None, None)
-    if r.audio == "bank":
+    banks, conversations = (None, None), (None, None)
+    if r.reads_manifests:
         from .build import conversation_datasets
 
-        train_audio, eval_audio = conversation_datasets(cfg, model)
+        conversations = conversation_datasets(cfg, model)
+    if r.audio == "bank":
+        train_audio, eval_audio = conversations
         T = cfg.data.num_frames
         train_bank = _audio_bank(train_audio, T)
         banks = (train_bank, _audio_bank(eval_audio, T) if eval_audio is not None else train_bank)
+    word_codes = load_word_codes(r.word_codes) if r.facts == "speech" else None
+    delay = max(model.delays) if r.facts != "text" else 0
     common = dict(
         num_frames=cfg.data.num_frames,
         context=attention_window(model),
-        far_min=r.far_min if r.far_min is not None else receptive + 2,
+        far_min=r.far_min if r.far_min is not None else receptive + 2 + delay,
         num_keys=r.num_keys,
         num_values=r.num_values,
         pairs=r.pairs,
@@ -292,9 +487,58 @@ def recall_datasets(cfg, model) -> tuple[RecallTask, RecallTask]:
         audio=r.audio,
         card=model.card,
         filler_rate=r.filler_rate,
+        facts=r.facts,
+        dep_q=model.dep_q,
+        pattern_frames=r.pattern_frames,
+        word_codes=word_codes,
         far_pairs=r.far_pairs,
+        echo=r.echo,
         near_max=r.near_max,
     )
-    train = RecallTask(r.num_train, seed=cfg.seed, audio_bank=banks[0], **common)
-    evals = RecallTask(r.num_eval, seed=cfg.seed + EVAL_SEED_OFFSET, audio_bank=banks[1], **common)
+    try:
+        train = RecallTask(r.num_train, seed=cfg.seed, audio_bank=banks[0], **common)
+        evals = RecallTask(r.num_eval, seed=cfg.seed + EVAL_SEED_OFFSET, audio_bank=banks[1], **common)
+    except ValueError as e:
+        raise ConfigError(f"data.recall: {e}") from None
+    if r.conversations > 0:
+        train = MixedTask(train, conversations[0], r.conversations, cfg.seed)
     return train, evals
+
+
+class MixedTask(Dataset):
+    """The recall task with a share of its items replaced by conversation windows: item ``i`` is window
+    ``i mod len(conversations)`` when a draw seeded by ``(seed, i)`` falls below ``share``, else recall
+    item ``i``. Same length as the recall task; only for training (the eval set stays pure recall)."""
+
+    def __init__(self, recall: RecallTask, conversations, share: float, seed: int) -> None:
+        if len(conversations) == 0:
+            raise ConfigError("data.recall.conversations: data.train has no conversation window")
+        self.recall, self.conversations = recall, conversations
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 4_242_424)
+        self.is_conversation = torch.rand(len(recall), generator=g) < share
+
+    def __len__(self) -> int:
+        return len(self.recall)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if self.is_conversation[index]:
+            return self.conversations[index % len(self.conversations)]
+        return self.recall[index]
+
+
+def load_word_codes(path: str) -> list[torch.Tensor]:
+    """The spoken symbols of ``data.recall.facts: speech`` from a ``make_word_codes.py`` file: the
+    DEF and QRY words, then the keys, then the values, each ``[codebooks, frames]``."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            words = json.loads(meta.get("words", "null"))
+            if not isinstance(words, list):
+                raise ValueError("no 'words' list in its metadata")
+            return [f.get_tensor(f"word_{i:03d}") for i in range(len(words))]
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same config error
+        raise ConfigError(
+            f"data.recall.word_codes: {path} is not a word-codes file ({e}); make it with scripts/make_word_codes.py"
+        ) from None
