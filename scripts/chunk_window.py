@@ -88,8 +88,8 @@ def _spread(vals: list[float]) -> str:
 
 
 def cell_text(rs: list[dict]) -> str:
-    """``bound step (k/n bound) | far | near``: the mean step over the runs that bound (a run still
-    running and not bound is not counted in n)."""
+    """``bound step (range) {each seed's} [k/n bound] | far | near``: the mean step over the runs that
+    bound (a run still running and not bound is not counted in n)."""
     done = [r for r in rs if r["finished"] or r["bound"] is not None]
     if not done:
         return "running"
@@ -99,6 +99,15 @@ def cell_text(rs: list[dict]) -> str:
         b = f"{statistics.fmean(steps):.0f}" + (f" ({min(steps)}-{max(steps)})" if len(steps) > 1 else "")
     else:
         b = f"> {budget}"
+    if len(done) > 1:  # every seed's own step, in seed order (> budget: not bound)
+        per = sorted(done, key=lambda r: r["seed"])
+        b += (
+            " {"
+            + ", ".join(
+                f"s{r['seed']} " + (str(r["bound"]) if r["bound"] else f">{r['max_steps']}") for r in per
+            )
+            + "}"
+        )
     fin = [r for r in done if r["finished"]]
     far = _spread([r["far"] for r in fin]) if fin else "-"
     near = _spread([r["near"] for r in fin if r["near"] is not None]) if fin else "-"
@@ -118,7 +127,7 @@ def groups(runs: list[dict]) -> dict[tuple, dict[tuple[int, int], list[dict]]]:
 def tables(runs: list[dict], threshold: float) -> str:
     lines = [
         f"Bound step: first evaluation with far accuracy >= {threshold} (mean over the seeds that bound, "
-        "their range; [bound/finished runs]); far and near: final accuracy, mean (seed range).",
+        "their range, {each seed's step}; [bound/finished runs]); far and near: final accuracy, mean (seed range).",
         "",
     ]
     for (layers, audio, span, far_pairs, budget), cells in sorted(

@@ -179,7 +179,8 @@ def test_chunk_window_report_times_the_plateau_end(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     text = (tmp_path / "o" / "chunk_window.md").read_text()
-    assert "0.5 W: 250 (200-300) [2/2]; far 0.95 (0.90-1.00)" in text  # mean of the seeds' bound steps
+    # mean of the seeds' bound steps, then each seed's own
+    assert "0.5 W: 250 (200-300) {s0 200, s1 300} [2/2]; far 0.95 (0.90-1.00)" in text
     assert "2 W: > 300 [0/1]; far 0.50" in text  # censored at the budget
     assert (tmp_path / "o" / "chunk_window.png").is_file()
 
