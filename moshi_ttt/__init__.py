@@ -23,7 +23,7 @@ from .checkpoint import (  # noqa: E402
 from .config import ETA_NORMS, TARGET_SOURCES, TTTConfig  # noqa: E402
 from .gating import TTTGating  # noqa: E402
 from .layer import ParamGroup, TTTLayer, named_ttt_layers  # noqa: E402
-from .patch import apply_ttt, set_ttt_updates, ttt_gatings, ttt_info  # noqa: E402
+from .patch import apply_ttt, set_ttt_eta, set_ttt_updates, ttt_gatings, ttt_info  # noqa: E402
 from .streaming import TTTLMGen  # noqa: E402
 from .ttt_mlp import TTTMLPGating  # noqa: E402
 from .variants import VARIANTS  # noqa: E402
@@ -44,6 +44,7 @@ __all__ = [
     "load_ttt_weights",
     "named_ttt_layers",
     "save_ttt_weights",
+    "set_ttt_eta",
     "set_ttt_updates",
     "to_moshi_state_dict",
     "ttt_gatings",

@@ -42,6 +42,10 @@ class TTTConfig:
             MLP width or the checkpoint's activation scale. A raw ``eta`` corresponds to
             ``eta * mean ||z||^2`` in ``zsq`` (the training telemetry logs ``z_sq_mean`` per layer).
             In-Place TTT only.
+        eta_layers: per-layer eta, ``{main-transformer layer index: eta}``, used instead of ``eta``
+            for the layers it lists (the same units: raw or ``zsq`` per ``eta_norm``). A training
+            run's ``ttt.eta: auto`` calibration writes it (``finetune``); every TTT layer's own
+            ``config`` holds its resolved ``eta`` (:meth:`layer_config`).
         conv_kernel_size: taps ``K`` of the target convolution; position ``t`` sees ``t .. t+K-1``
             inside its own chunk (zero padding at the chunk's right edge).
         conv_depthwise: one filter per channel (``d*K`` weights) instead of a full ``d x d x K`` conv.
@@ -88,6 +92,7 @@ class TTTConfig:
     chunk_size: int = 512
     eta: float = 1e-2
     eta_norm: str = "none"
+    eta_layers: dict[int, float] | None = None
     conv_kernel_size: int = field(default=2, metadata=_FIXED)
     conv_depthwise: bool = field(default=True, metadata=_FIXED)
     target_source: str = field(default="text_emb", metadata=_FIXED)
@@ -120,6 +125,19 @@ class TTTConfig:
             raise bad("eta", "must be a finite number")
         if self.eta < 0:
             raise bad("eta", "must be >= 0 (0 turns the fast-weight updates off)")
+        if self.eta_layers is not None:
+            if not isinstance(self.eta_layers, dict):
+                raise bad("eta_layers", "must map layer indices to etas, or be null")
+            out = {}
+            for k, v in self.eta_layers.items():
+                if isinstance(k, str) and k.lstrip("-").isdigit():
+                    k = int(k)  # JSON (the TTT file's metadata) writes keys as strings
+                if not _is_int(k):
+                    raise bad("eta_layers", f"key {k!r} is not a layer index")
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                    raise bad("eta_layers", f"layer {k}: eta must be a finite number >= 0")
+                out[k] = float(v)
+            self.eta_layers = out
         if self.eta_norm not in ETA_NORMS:
             raise bad("eta_norm", f"must be one of {', '.join(ETA_NORMS)}")
         if not _is_int(self.conv_kernel_size) or self.conv_kernel_size < 1:
@@ -164,6 +182,13 @@ class TTTConfig:
                 raise bad(name, "must be an integer >= 1")
         if not isinstance(self.mlp_qk_norm, bool):
             raise bad("mlp_qk_norm", "must be true or false")
+
+    def layer_config(self, layer: int) -> TTTConfig:
+        """The config TTT layer ``layer`` runs with: this one, with ``eta`` from ``eta_layers`` when
+        it lists the layer."""
+        if not self.eta_layers or layer not in self.eta_layers:
+            return self
+        return dataclasses.replace(self, eta=self.eta_layers[layer], eta_layers=None)
 
     def resolve_layers(self, num_layers: int) -> list[int]:
         """The main-transformer layer indices that become TTT layers in a model of ``num_layers``."""

@@ -12,6 +12,10 @@ skipped, and a directory holding another point's run is refused.
     python scripts/sweep.py configs/sweeps/recall_tiny.yaml --print-commands --nproc 8   # line I+1: point I
     python scripts/sweep.py configs/sweeps/recall_tiny.yaml --wandb-sweep sweep_wandb.yaml [--nproc 8]
     python scripts/sweep.py configs/sweeps/recall_tiny.yaml --collect        # results.csv / .md / .png only
+    python scripts/sweep.py SWEEP.yaml --shard 0/2 & python scripts/sweep.py SWEEP.yaml --shard 1/2   # two at a time
+
+``touch OUT_DIR/STOP`` makes running launchers stop after their current point (to change the grid or
+the order, then launch again).
 
 A job array (SLURM): ``#SBATCH --array=0-<N-1>`` and
 ``python scripts/sweep.py SWEEP.yaml --array-index $SLURM_ARRAY_TASK_ID --nproc 8``.
@@ -32,6 +36,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 import argparse  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -70,9 +75,19 @@ def main() -> int:
         "--wandb-split", action="store_true", help="a union of grids: one wandb sweep file per grid"
     )
     p.add_argument("--nproc", type=int, default=1, help="processes per point (torchrun when > 1)")
+    p.add_argument(
+        "--shard",
+        default="0/1",
+        metavar="K/N",
+        help="run only points K, K+N, K+2N, ... (0-based): N launchers with K = 0..N-1 share the grid",
+    )
     args = p.parse_args()
     if args.nproc < 1:
         p.error("--nproc must be >= 1")
+    m = re.fullmatch(r"(\d+)/(\d+)", args.shard)
+    if not m or not int(m[1]) < int(m[2]):
+        p.error(f"--shard {args.shard}: expected K/N with 0 <= K < N, e.g. 0/2")
+    shard = (int(m[1]), int(m[2]))
     try:
         sweep = Sweep.load(args.sweep)
     except (ConfigError, ValueError) as e:
@@ -129,7 +144,7 @@ def main() -> int:
         return 0
     failed = []
     if not args.collect:
-        results = sweep.run_all(subprocess_runner(sweep, args.nproc, program=ROOT / "train.py"))
+        results = sweep.run_all(subprocess_runner(sweep, args.nproc, program=ROOT / "train.py"), shard=shard)
         failed = [n for n, s in results.items() if s.startswith("failed") or s == "refused"]
     rows = sweep.collect()
     paths = sweep.write_results(rows)

@@ -135,6 +135,13 @@ def test_far_answers_lie_beyond_the_receptive_field_and_the_delays():
     train, _ = recall_datasets(cfg, model)
     # 4 layers x 15 steps of attention, + 2 as for text facts, + 1 for the delayed codebooks.
     assert train.far_min == 4 * 15 + 2 + 1
+    # data.recall.far_min may move them further, never within reach of attention and the delays.
+    cfg.data.recall.far_min = 70
+    train, _ = recall_datasets(cfg, model)
+    assert train.far_min == 70 and all(q.distance >= 70 for i in range(4) for q in train.queries(i) if q.far)
+    cfg.data.recall.far_min = 4 * 15 + 2  # enough for facts in text, one short for the delayed codebooks
+    with pytest.raises(ConfigError, match="use >= 63 or null"):
+        recall_datasets(cfg, model)
 
 
 def test_conversations_replace_a_seeded_share_of_the_training_items():
