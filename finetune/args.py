@@ -72,9 +72,50 @@ class ModelArgs:
 
 
 @dataclass
-class TTTArgs(TTTConfig):
-    """The core's :class:`TTTConfig`, plus what training does with the TTT parameters."""
+class EtaAutoArgs:
+    """How ``ttt.eta: auto`` picks eta (:func:`finetune.training.eta_auto.calibrate_eta`).
 
+    The run trains ``steps`` steps at ``start``, then measures every TTT layer's ``ttt/base`` (the
+    TTT term over the base term, the telemetry the console prints) on the first ``batches``
+    training batches and rescales eta once so that it becomes ``target``: ``ttt/base`` is linear in
+    eta, so ``eta = start x target / ttt/base``, per layer with ``per_layer`` (else one eta from the
+    layers' mean). 1.0 is the middle of the band where the recall grid kept in-window recall
+    (docs/long_context.md, "Choosing eta": 0.7-1.2; a few to tens traded near for far recall). The
+    chosen etas are logged, saved in the checkpoints (trainer state and TTT file) and reused on
+    resume.
+    """
+
+    target: float = 1.0
+    steps: int = 50
+    start: float | None = None  # eta during the warm-up; null: 0.1 (eta_norm none) or 100 (zsq)
+    per_layer: bool = True
+    batches: int = 2
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target, bool) or not (0 < self.target < float("inf")):
+            raise ConfigError(
+                f"ttt.eta_auto.target: must be a ttt/base level > 0, e.g. 1.0 (got {self.target})"
+            )
+        if self.steps < 1:
+            raise ConfigError(f"ttt.eta_auto.steps: must be >= 1 warm-up steps (got {self.steps})")
+        if self.start is not None and not (0 < self.start < float("inf")):
+            raise ConfigError(f"ttt.eta_auto.start: must be an eta > 0 or null (got {self.start})")
+        if self.batches < 1:
+            raise ConfigError(f"ttt.eta_auto.batches: must be >= 1 (got {self.batches})")
+
+    def start_eta(self, eta_norm: str) -> float:
+        if self.start is not None:
+            return self.start
+        return 100.0 if eta_norm == "zsq" else 0.1
+
+
+@dataclass
+class TTTArgs(TTTConfig):
+    """The core's :class:`TTTConfig`, plus what training does with the TTT parameters, and
+    ``eta: auto`` (:class:`EtaAutoArgs`): eta calibrated at the start of the run."""
+
+    eta: float | Literal["auto"] = 1e-2
+    eta_auto: EtaAutoArgs = field(default_factory=EtaAutoArgs)
     enabled: bool = field(default=True, metadata=FIXED_ON_RESUME)
     # The TTT layers' W_gate / W_up do not train. null: true for finetune=ttt_only, false otherwise.
     freeze_slow_weights: bool | None = field(default=None, metadata=FIXED_ON_RESUME)
@@ -82,9 +123,31 @@ class TTTArgs(TTTConfig):
     # initial state W^(0); moshi_ttt.ParamGroup.pretrained).
     train_w_down: bool = field(default=True, metadata=FIXED_ON_RESUME)
 
+    @property
+    def auto(self) -> bool:
+        return self.eta == "auto"
+
+    def validate(self) -> None:
+        if not self.auto:
+            return super().validate()
+        if self.eta_layers is not None:
+            raise ValueError(
+                "TTTConfig.eta_layers: eta: auto computes the per-layer etas; give ttt.eta: auto or "
+                "ttt.eta_layers, not both"
+            )
+        self.eta = self.eta_auto.start_eta(self.eta_norm)  # the rest is checked as for a number
+        try:
+            super().validate()
+        finally:
+            self.eta = "auto"
+
     def to_ttt_config(self) -> TTTConfig:
+        """The model's TTT settings; with ``eta: auto``, eta is the warm-up's (``eta_auto.start``)."""
         names = {f.name for f in dataclasses.fields(TTTConfig)}
-        return TTTConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k in names}
+        if self.auto:
+            d["eta"] = self.eta_auto.start_eta(self.eta_norm)
+        return TTTConfig(**d)
 
 
 @dataclass
@@ -154,7 +217,11 @@ class RecallDataArgs:
     ``audio``: ``silent`` (a constant code), ``uniform`` (i.i.d. random codes), ``markov`` (every codebook changes every frame) or
     ``bank`` (windows of real Mimi codes read through the manifest pipeline: ``data.train`` /
     ``data.eval`` with their tokenizer, Mimi and cache). ``filler_rate``: fraction of the frames
-    between events that hold a random filler word instead of PAD.
+    between events that hold a random filler word instead of PAD. ``far_pairs``: how many of the
+    ``pairs`` are queried beyond the receptive field (null: half, rounded up; ``pairs``: far-only
+    data). ``near_max``: the largest near-query distance in steps (null: the attention window less
+    5, so near distances scale with the window). ``far_min``: the smallest far distance (null: the
+    receptive field + 2, the first distance attention cannot reach; larger values only).
     """
 
     # Fixed on resume: the training sequences (num_eval only sizes the held-out set).
@@ -170,14 +237,23 @@ class RecallDataArgs:
     facts: Literal["text", "audio", "speech"] = field(default="text", metadata=FIXED_ON_RESUME)
     pattern_frames: int = field(default=2, metadata=FIXED_ON_RESUME)
     word_codes: str | None = field(default=None, metadata=FIXED_ON_RESUME)
-    # Pairs queried beyond the receptive field (the rest within one window); null: half, rounded up.
+    # Pairs queried beyond the receptive field (the rest within one window); null: half, rounded up;
+    # 0: the in-window part alone; pairs: far-only data.
     far_pairs: int | None = field(default=None, metadata=FIXED_ON_RESUME)
+    near_max: int | None = field(default=None, metadata=FIXED_ON_RESUME)
+    far_min: int | None = field(default=None, metadata=FIXED_ON_RESUME)
     # Facts in audio: Moshi repeats each fact it hears in its text stream (an acknowledgement).
     echo: bool = field(default=False, metadata=FIXED_ON_RESUME)
     # Share of the training items that are windows of the data.train conversations instead.
     conversations: float = field(default=0.0, metadata=FIXED_ON_RESUME)
 
     def __post_init__(self) -> None:
+        if self.far_pairs is not None and not 0 <= self.far_pairs <= self.pairs:
+            raise ConfigError(
+                f"data.recall.far_pairs: must be in [0, pairs={self.pairs}] or null (got {self.far_pairs})"
+            )
+        if self.near_max is not None and self.near_max < 3:
+            raise ConfigError(f"data.recall.near_max: must be >= 3 steps or null (got {self.near_max})")
         if not 0.0 <= self.filler_rate <= 1.0:
             raise ConfigError(f"data.recall.filler_rate: must be in [0, 1] (got {self.filler_rate})")
         if not 0.0 <= self.conversations < 1.0:
@@ -374,6 +450,11 @@ class TrainConfig:
             raise ConfigError(
                 "model.tiny: only used with model.source tiny; remove it or set model.source: tiny"
             )
+        if self.ttt.enabled and self.ttt.auto and self.ttt.eta_auto.steps >= self.max_steps:
+            raise ConfigError(
+                f"ttt.eta: auto calibrates after ttt.eta_auto.steps ({self.ttt.eta_auto.steps}) steps, "
+                f"but the run has max_steps {self.max_steps}: lower ttt.eta_auto.steps or set ttt.eta"
+            )
         if self.model.source == "tiny" and self.ttt.enabled:
             from moshi_ttt.tiny import tiny_lm_kwargs
 
@@ -456,6 +537,8 @@ def check_resume_compatible(
     saved = saved_config_with_defaults(saved)
     fixed = fixed_on_resume_keys(TrainConfig)
     bad = [k for k in fixed if get_dotted(saved, k) != get_dotted(current, k)]
+    if get_dotted(saved, "ttt.enabled") is False and get_dotted(current, "ttt.enabled") is False:
+        bad = [k for k in bad if not k.startswith("ttt.")]  # no TTT layer: its settings shape nothing
     if saved_world != world:
         bad.append(f"world size ({saved_world} -> {world} processes)")
     if bad:

@@ -25,7 +25,7 @@ from .deprecation import alias_modules, moved_attributes  # noqa: E402
 from .inplace import InPlaceSettings, InPlaceTTT  # noqa: E402
 from .layer import ParamGroup, TTTLayer, VariantSettings, named_ttt_layers  # noqa: E402
 from .mlp import TTTMLP, TTTMLPSettings  # noqa: E402
-from .patch import apply_ttt, set_ttt_updates, ttt_info, ttt_layers  # noqa: E402
+from .patch import apply_ttt, set_ttt_eta, set_ttt_updates, ttt_info, ttt_layers  # noqa: E402
 from .streaming import TTTLMGen  # noqa: E402
 from .variants import VARIANTS  # noqa: E402
 
@@ -59,6 +59,7 @@ __all__ = [
     "load_ttt_weights",
     "named_ttt_layers",
     "save_ttt_weights",
+    "set_ttt_eta",
     "set_ttt_updates",
     "to_moshi_state_dict",
     "ttt_info",

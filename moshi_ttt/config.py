@@ -35,6 +35,10 @@ class CommonSettings:
             depends on the scale of ``Z`` and ``V``; sweep it on a log scale. For ``variant: mlp`` it
             is the base inner learning rate: token ``t``'s rate is ``eta * sigmoid(x_t w + b) / head_dim``
             (ttt-lm-pytorch's ``ttt_base_lr``, 1.0 there).
+        eta_layers: per-layer eta, ``{main-transformer layer index: eta}``, used instead of ``eta``
+            for the layers it lists (the same units: raw, or ``zsq`` per In-Place TTT's ``eta_norm``).
+            A training run's ``ttt.eta: auto`` calibration writes it (``finetune``); every TTT layer's
+            own ``config`` holds its resolved ``eta`` (:meth:`TTTConfig.layer_config`).
         layers: explicit main-transformer layer indices; overrides ``start_layer``/``layer_frequency``.
         start_layer, layer_frequency: select layers ``start_layer, start_layer + layer_frequency, ...``.
         variant: a name in :data:`moshi_ttt.variants.VARIANTS`: ``inplace`` (In-Place TTT: the MLP's
@@ -50,6 +54,7 @@ class CommonSettings:
 
     chunk_size: int = 512
     eta: float = 1e-2
+    eta_layers: dict[int, float] | None = None
     layers: list[int] | None = field(default=None, metadata=FIXED_ON_RESUME)
     start_layer: int = field(default=0, metadata=FIXED_ON_RESUME)
     layer_frequency: int = field(default=6, metadata=FIXED_ON_RESUME)
@@ -66,6 +71,8 @@ class CommonSettings:
             raise setting_error(self, "eta", "must be a finite number")
         if self.eta < 0:
             raise setting_error(self, "eta", "must be >= 0 (0 turns the fast-weight updates off)")
+        if self.eta_layers is not None:
+            self.eta_layers = _checked_eta_layers(self)
         if self.layers is not None:
             if not isinstance(self.layers, (list, tuple)) or not all(is_int(i) for i in self.layers):
                 raise setting_error(self, "layers", "must be a list of integer layer indices, or null")
@@ -82,6 +89,23 @@ class CommonSettings:
             raise setting_error(self, "layer_frequency", "must be an integer >= 1")
         if self.variant not in VARIANTS:
             raise setting_error(self, "variant", f"must be one of {', '.join(VARIANTS)}")
+
+
+def _checked_eta_layers(config: CommonSettings) -> dict[int, float]:
+    """``eta_layers`` with integer keys and float values (JSON, the TTT file's metadata, writes the
+    keys as strings); an invalid entry raises the setting's error."""
+    if not isinstance(config.eta_layers, dict):
+        raise setting_error(config, "eta_layers", "must map layer indices to etas, or be null")
+    out = {}
+    for k, v in config.eta_layers.items():
+        if isinstance(k, str) and k.lstrip("-").isdigit():
+            k = int(k)
+        if not is_int(k):
+            raise setting_error(config, "eta_layers", f"key {k!r} is not a layer index")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise setting_error(config, "eta_layers", f"layer {k}: eta must be a finite number >= 0")
+        out[k] = float(v)
+    return out
 
 
 def variant_settings() -> tuple[type[VariantSettings], ...]:
@@ -118,6 +142,13 @@ class TTTConfig(*reversed(variant_settings()), CommonSettings):
         for settings in variant_settings():
             if isinstance(self, settings):  # a variant registered later: config_class() has its settings
                 settings.check(self)
+
+    def layer_config(self, layer: int) -> TTTConfig:
+        """The config TTT layer ``layer`` runs with: this one, with ``eta`` from ``eta_layers`` when
+        it lists the layer."""
+        if not self.eta_layers or layer not in self.eta_layers:
+            return self
+        return dataclasses.replace(self, eta=self.eta_layers[layer], eta_layers=None)
 
     def resolve_layers(self, num_layers: int) -> list[int]:
         """The main-transformer layer indices that become TTT layers in a model of ``num_layers``."""

@@ -17,6 +17,7 @@ No moshi source is edited. Three things happen:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,6 +109,22 @@ def set_ttt_updates(model: nn.Module, enabled: bool) -> None:
         layer.updates_enabled = enabled
 
 
+def set_ttt_eta(model: nn.Module, etas: dict[int, float]) -> None:
+    """Set the eta of TTT layers (``{layer index: eta}``, in the units of the model's ``eta_norm``):
+    each layer's config and the model's ``TTTConfig.eta_layers``, which the TTT file saves, so an
+    export runs with the same etas. Layers not listed keep theirs."""
+    info = ttt_info(model)
+    if info is None:
+        raise ValueError("this model has no TTT layers: call moshi_ttt.apply_ttt(model, config) first")
+    stray = sorted(set(etas) - set(info.layers))
+    if stray:
+        raise ValueError(f"set_ttt_eta: layers {stray} are not TTT layers (the TTT layers are {info.layers})")
+    info.config = dataclasses.replace(info.config, eta_layers={**(info.config.eta_layers or {}), **etas})
+    layers = ttt_layers(model)
+    for i in etas:
+        layers[i].config = info.config.layer_config(i)
+
+
 def apply_ttt(lm_model: nn.Module, config: TTTConfig) -> nn.Module:
     """Make the selected main-transformer layers of a moshi ``LMModel`` TTT layers (``config.variant``).
 
@@ -130,6 +147,12 @@ def apply_ttt(lm_model: nn.Module, config: TTTConfig) -> nn.Module:
     if any(isinstance(m, StreamingModule) and m.is_streaming for m in lm_model.modules()):
         raise ValueError("apply_ttt must be called before the model enters streaming mode")
     selected = config.resolve_layers(len(layers))
+    stray = sorted(set(config.eta_layers or {}) - set(selected))
+    if stray:
+        raise ValueError(
+            f"TTTConfig.eta_layers: layers {stray} are not TTT layers (the TTT layers are {selected}); "
+            "list only TTT layers"
+        )
     for i in selected:
         layer = layers[i]
         if not isinstance(layer, StreamingTransformerLayer):
@@ -149,7 +172,7 @@ def apply_ttt(lm_model: nn.Module, config: TTTConfig) -> nn.Module:
     for layer in layers:
         layer.__class__ = _ttt_layer_class(type(layer))
     for i in selected:
-        layers[i].gating = layer_cls.from_gating(layers[i].gating, config)
+        layers[i].gating = layer_cls.from_gating(layers[i].gating, config.layer_config(i))
 
     info = TTTModelInfo(config=config, layers=selected)
     _hand_over_source(lm_model, info, layer_cls.source(config))

@@ -11,6 +11,10 @@ skipped, and a directory holding another point's run is refused.
     python scripts/sweep.py configs/sweeps/recall_tiny.yaml --print-commands --nproc 8   # line I+1: point I
     python scripts/sweep.py configs/sweeps/recall_tiny.yaml --wandb-sweep sweep_wandb.yaml [--nproc 8]
     python scripts/sweep.py configs/sweeps/recall_tiny.yaml --collect        # results.csv / .md / .png only
+    python scripts/sweep.py SWEEP.yaml --shard 0/2 & python scripts/sweep.py SWEEP.yaml --shard 1/2   # two at a time
+
+``touch OUT_DIR/STOP`` makes running launchers stop after their current point (to change the grid or
+the order, then launch again).
 
 A job array (SLURM): ``#SBATCH --array=0-<N-1>`` and
 ``python scripts/sweep.py SWEEP.yaml --array-index $SLURM_ARRAY_TASK_ID --nproc 8``.
@@ -24,6 +28,7 @@ The file format is described in ``finetune/research/sweep.py``.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -61,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
         "--wandb-split", action="store_true", help="a union of grids: one wandb sweep file per grid"
     )
     p.add_argument("--nproc", type=int, default=1, help="processes per point (torchrun when > 1)")
+    p.add_argument(
+        "--shard",
+        default="0/1",
+        metavar="K/N",
+        help="run only points K, K+N, K+2N, ... (0-based): N launchers with K = 0..N-1 share the grid",
+    )
     return p
 
 
@@ -111,10 +122,11 @@ def _list(sweep: Sweep, runs: list, args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_and_collect(sweep: Sweep, args: argparse.Namespace) -> int:
+def _run_and_collect(sweep: Sweep, args: argparse.Namespace, shard: tuple[int, int]) -> int:
     failed = []
     if not args.collect:
-        results = sweep.run_all(subprocess_runner(sweep, args.nproc, program=ROOT / "train.py"))
+        runner = subprocess_runner(sweep, args.nproc, program=ROOT / "train.py")
+        results = sweep.run_all(runner, shard=shard)
         failed = [n for n, s in results.items() if s.startswith("failed") or s == "refused"]
     rows = sweep.collect()
     paths = sweep.write_results(rows)
@@ -131,6 +143,10 @@ def main() -> int:
     args = p.parse_args()
     if args.nproc < 1:
         p.error("--nproc must be >= 1")
+    m = re.fullmatch(r"(\d+)/(\d+)", args.shard)
+    if not m or not int(m[1]) < int(m[2]):
+        p.error(f"--shard {args.shard}: expected K/N with 0 <= K < N, e.g. 0/2")
+    shard = (int(m[1]), int(m[2]))
     try:
         sweep = Sweep.load(args.sweep)
     except (ConfigError, ValueError) as e:
@@ -145,7 +161,7 @@ def main() -> int:
         return _run_one(sweep, runs, args)
     if args.dry_run or args.print_commands:
         return _list(sweep, runs, args)
-    return _run_and_collect(sweep, args)
+    return _run_and_collect(sweep, args, shard)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,7 @@ class RecallTask(Dataset):
         word_codes: list[torch.Tensor] | None = None,
         far_pairs: int | None = None,
         echo: bool = False,
+        near_max: int | None = None,
     ) -> None:
         need = FIRST_KEY + num_keys + num_values + (num_fillers if filler_rate > 0 else 0)
         if facts not in FACT_MODES:
@@ -129,19 +130,7 @@ class RecallTask(Dataset):
             raise ValueError(f"recall task: filler_rate must be in [0, 1], got {filler_rate}")
         if pairs > num_keys:
             raise ValueError(f"recall task: pairs ({pairs}) must be <= num_keys ({num_keys})")
-        # How many pairs are queried far (the others near); default: half, rounded up. 0 gives the
-        # in-window part alone (what a base model without TTT can learn).
-        self.far_pairs = (pairs + 1) // 2 if far_pairs is None else far_pairs
-        if isinstance(self.far_pairs, bool) or not 0 <= self.far_pairs <= pairs:
-            raise ValueError(f"recall task: far_pairs must be in [0, pairs={pairs}], got {far_pairs}")
-        # Far queries are this many steps after their definition. Stacked layers see further than one
-        # attention window (about num_layers * (context - 1) steps): pass that for a strict test.
-        self.far_min = far_min if far_min is not None else context + 2
-        if facts == "text" and num_frames < 3 * pairs + self.far_min + 3 * pairs:
-            raise ValueError(
-                f"recall task: {num_frames} frames cannot hold {pairs} definitions and far queries beyond a "
-                f"{context}-step window; use longer sequences (data.duration_sec) or fewer pairs"
-            )
+        self._set_distances(pairs, far_pairs, near_max, far_min, facts, context, num_frames)
         self.num_items, self.num_frames, self.context = num_items, num_frames, context
         self.num_keys, self.num_values, self.pairs = num_keys, num_values, pairs
         self.seed, self.pad, self.silence, self.n_q = seed, text_padding_id, silence_code, n_q
@@ -157,6 +146,36 @@ class RecallTask(Dataset):
             self._succ = torch.randint(0, card, (n_q, card, _MARKOV_BRANCHING), generator=g)
         if facts != "text":
             self._check_spoken_fits(*self._spans())
+
+    def _set_distances(self, pairs, far_pairs, near_max, far_min, facts, context, num_frames) -> None:
+        """How many pairs are queried far, the largest near distance and the smallest far one, each
+        checked against the window and the sequence length."""
+        # How many pairs are queried far (the others near); default: half, rounded up. 0 gives the
+        # in-window part alone (what a base model without TTT can learn).
+        self.far_pairs = (pairs + 1) // 2 if far_pairs is None else far_pairs
+        if isinstance(self.far_pairs, bool) or not 0 <= self.far_pairs <= pairs:
+            raise ValueError(f"recall task: far_pairs must be in [0, pairs={pairs}], got {far_pairs}")
+        # The largest near distance (steps from the definition's value to the query's): by default
+        # the whole window less the markers, so near distances scale with the window.
+        if near_max is not None and facts != "text":
+            raise ValueError(
+                f"recall task: near_max applies to facts in text only (facts is {facts!r}: a spoken near "
+                "query already takes what the window leaves); leave it null"
+            )
+        self.near_max = max(3, context - 5) if near_max is None else near_max
+        if not 3 <= self.near_max <= max(3, context - 5):
+            raise ValueError(
+                f"recall task: near_max must be in [3, {max(3, context - 5)}] (a near query stays inside the "
+                f"{context}-step window), got {near_max}"
+            )
+        # Far queries are this many steps after their definition. Stacked layers see further than one
+        # attention window (about num_layers * (context - 1) steps): pass that for a strict test.
+        self.far_min = far_min if far_min is not None else context + 2
+        if facts == "text" and num_frames < 3 * pairs + self.far_min + 3 * pairs:
+            raise ValueError(
+                f"recall task: {num_frames} frames cannot hold {pairs} definitions and far queries beyond a "
+                f"{context}-step window; use longer sequences (data.duration_sec) or fewer pairs"
+            )
 
     def __len__(self) -> int:
         return self.num_items
@@ -321,7 +340,7 @@ class RecallTask(Dataset):
         for i in range(n_far, P):
             put(p, DEF, i)
             def_pos[i] = p + 2
-            q = p + 3 + rand(0, max(0, self.context - 8))  # the query's value stays inside the window
+            q = p + rand(3, self.near_max)  # the query's value stays inside the window
             put(q, QRY, i)
             queries.append(Query(q + 2, q + 2 - def_pos[i], values[i], False))
             p = q + 3 + rand(0, 2)
@@ -348,6 +367,16 @@ class RecallTask(Dataset):
 
     def queries(self, index: int) -> list[Query]:
         return self.layout(index)[1]
+
+    def spoken_layout(self, index: int) -> tuple[list[Query], list[tuple[int, torch.Tensor]]]:
+        """Item ``index``'s queries and what the other speaker says, as ``(start frame, codes [n_user,
+        frames])`` in speaking order (facts ``audio`` or ``speech``)."""
+        if self.facts == "text":
+            raise ValueError("spoken_layout: facts are in the text stream (data.recall.facts: text)")
+        if not 0 <= index < self.num_items:
+            raise IndexError(index)
+        _, queries, spoken = self._spoken_layout(torch.Generator().manual_seed(self.seed * 1_000_003 + index))
+        return queries, spoken
 
     def audio_codes(self, index: int) -> torch.Tensor:
         """The audio codebooks ``[n_q, T]`` of item ``index``."""
@@ -447,6 +476,13 @@ def recall_datasets(cfg, model):
             "data.source recall: the task needs a model with a limited attention window (model.tiny.context)"
         )
     r = cfg.data.recall
+    far_floor = receptive + 2 + (max(model.delays) if r.facts != "text" else 0)
+    if r.far_min is not None and r.far_min < far_floor:
+        raise ConfigError(
+            f"data.recall.far_min: {r.far_min} steps is within reach of attention (receptive field "
+            f"{receptive} steps: {len(model.transformer.layers)} layers x (window - 1), plus the codebook "
+            f"delays for facts in audio); use >= {far_floor} or null"
+        )
     banks, conversations = (None, None), (None, None)
     if r.reads_manifests:
         conversations = conversation_datasets(cfg, model)
@@ -460,7 +496,7 @@ def recall_datasets(cfg, model):
     common = dict(
         num_frames=cfg.data.num_frames,
         context=attention_window(model),
-        far_min=receptive + 2 + delay,
+        far_min=r.far_min if r.far_min is not None else receptive + 2 + delay,
         num_keys=r.num_keys,
         num_values=r.num_values,
         pairs=r.pairs,
@@ -476,6 +512,7 @@ def recall_datasets(cfg, model):
         word_codes=word_codes,
         far_pairs=r.far_pairs,
         echo=r.echo,
+        near_max=r.near_max,
     )
     try:
         train = RecallTask(r.num_train, seed=cfg.seed, audio_bank=banks[0], **common)

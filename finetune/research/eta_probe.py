@@ -15,6 +15,7 @@ checkpoint after a few hundred steps tells what eta does to the trained target p
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ import torch
 from moshi_ttt import named_ttt_layers
 
 from ..args import TrainConfig, load_config
+from ..training.eta_auto import dataset_batches
+
+logger = logging.getLogger("finetune")
 
 RATIOS = ("term_ratio", "chunk_update_ratio")
 
@@ -67,21 +71,7 @@ def probe_batches(cfg: TrainConfig, lm: torch.nn.Module, n: int, batch_size: int
     from ..data.build import build_datasets
 
     train_set, _ = build_datasets(cfg, lm)
-    out: list[torch.Tensor] = []
-    items: list[torch.Tensor] = []
-    for i in range(len(train_set)):
-        x = train_set[i]
-        if x is None:  # unreadable item, as the loader skips it
-            continue
-        items.append(x)
-        if len(items) == batch_size:
-            out.append(torch.stack(items))
-            items = []
-            if len(out) == n:
-                break
-    if not out:
-        raise ValueError(f"the training data has fewer than {batch_size} valid items (one batch)")
-    return out
+    return dataset_batches(train_set, n, batch_size)
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from ..data.audio import FRAME_RATE
 from ..data.build import build_datasets
 from ..data.recall import attention_window, receptive_field
 from ..serving.inference import LoadedModel, load_checkpoint_model
-from ..training.evaluation import has_queries, recall_scores
+from ..training.evaluation import ERROR_KINDS, answer_kind, has_queries, recall_scores
 
 
 @dataclass
@@ -44,21 +44,6 @@ class EvalResult:
     # Over every valid position: the text and audio NLL of the whole eval set (nats).
     text_nll: float | None = None
     audio_nll: float | None = None
-
-
-# What a far query's top prediction is: its value, the value of another definition of the same
-# sequence (the fast weight holds the values but not which key they belong to), or neither.
-ERROR_KINDS = ("right", "another value of the sequence", "a value not in the sequence", "not a value")
-
-
-def answer_kind(pred: int, query, queries: list, values: range) -> str:
-    """Which of :data:`ERROR_KINDS` the prediction ``pred`` for ``query`` is (``queries``: all of the
-    sequence's queries; ``values``: the task's value token ids)."""
-    if pred == query.value:
-        return ERROR_KINDS[0]
-    if pred in {q.value for q in queries if q is not query}:
-        return ERROR_KINDS[1]
-    return ERROR_KINDS[2] if pred in values else ERROR_KINDS[3]
 
 
 @torch.no_grad()

@@ -220,6 +220,7 @@ class Sweep:
         return self._resolved[key]
 
     FAILED_MARKER = "sweep_failed.json"  # written when a run's trainer exits non-zero
+    STOP_FILE = "STOP"  # out_dir/STOP: launchers finish their current run, then start no other
 
     def foreign(self, run: Run) -> str | None:
         """How ``run.run_dir`` holds another point's run (its saved config sets a swept key to another
@@ -332,10 +333,28 @@ class Sweep:
         log(f"{where}: failed with exit code {code} (see {run.run_dir}/train.log)")
         return f"failed ({code})"
 
-    def run_all(self, runner: Callable[[Run], int], log: Callable[[str], None] = print) -> dict[str, str]:
-        """Every point in turn (:meth:`run_point`); a refused point is reported and the rest still run."""
+    def run_all(
+        self,
+        runner: Callable[[Run], int],
+        log: Callable[[str], None] = print,
+        shard: tuple[int, int] = (0, 1),
+    ) -> dict[str, str]:
+        """Every point in turn (:meth:`run_point`); a refused point is reported and the rest still run.
+        ``shard = (k, n)`` takes only points ``k, k + n, ...``, so ``n`` launchers given ``k = 0 .. n-1``
+        share a grid without running any point twice. A file ``out_dir/STOP`` ends the loop before the
+        next point (the running one finishes)."""
+        k, n = shard
+        if not 0 <= k < n:
+            raise ConfigError(f"shard {k}/{n}: expected K/N with 0 <= K < N")
         results = {}
         for run in self.runs():
+            if run.index % n != k:
+                continue
+            if (self.out_dir / self.STOP_FILE).exists():
+                log(
+                    f"{self.out_dir / self.STOP_FILE} exists: stopping before {run.name} (remove it to go on)"
+                )
+                break
             try:
                 results[run.name] = self.run_point(run, runner, log)
             except ConfigError as e:

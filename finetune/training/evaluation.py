@@ -26,6 +26,28 @@ def has_queries(dataset) -> bool:
     return hasattr(dataset, "queries")
 
 
+# What a far query's top prediction is: its value, the value of another definition of the same
+# sequence (the fast weight holds the values but not which key they belong to), or neither.
+ERROR_KINDS = ("right", "another value of the sequence", "a value not in the sequence", "not a value")
+
+
+def answer_kind(pred: int, query, queries: list, values: range) -> str:
+    """Which of :data:`ERROR_KINDS` the prediction ``pred`` for ``query`` is (``queries``: all of the
+    sequence's queries; ``values``: the task's value token ids)."""
+    if pred == query.value:
+        return ERROR_KINDS[0]
+    if pred in {q.value for q in queries if q is not query}:
+        return ERROR_KINDS[1]
+    return ERROR_KINDS[2] if pred in values else ERROR_KINDS[3]
+
+
+def crosses_chunk(query: Query, chunk_size: int) -> bool:
+    """Whether ``query``'s definition lies in an earlier TTT chunk than the query itself (chunks
+    aligned to the sequence start; both placed at their value's step). Only such a query can be
+    answered by the fast weight, and only its loss reaches the fast weight's update in training."""
+    return (query.value_pos - query.distance) // chunk_size < query.value_pos // chunk_size
+
+
 def recall_scores(
     text_logits: torch.Tensor, dataset, indices: list[int]
 ) -> Iterator[tuple[Query, float, float]]:
@@ -83,28 +105,54 @@ def evaluate(model, base, dataset, cfg: TrainConfig, dist_info: D.DistInfo) -> d
 
 @torch.no_grad()
 def recall_metrics(model, dataset, cfg: TrainConfig, dist_info: D.DistInfo) -> dict[str, float]:
-    """Value accuracy and NLL at recall queries, within (near) and beyond (far) the attention window."""
+    """Value accuracy and NLL at recall queries, within (near) and beyond (far) the attention window.
+
+    Also ``recall_far_other``: the share of far queries answered with another value of the same
+    sequence (a memory that holds the values but has not bound them to their keys: the half-right
+    plateau); and with TTT on, near accuracy split by whether the definition lies in an earlier
+    chunk than the query (``recall_acc_near_cross``, reachable by the fast weight) or in the same
+    chunk (``recall_acc_near_within``), with ``recall_near_cross_share``, the share of the former."""
     plan = eval_plan(len(dataset), cfg.batch_size, dist_info.rank, dist_info.world_size)
     n = (
         min(cfg.eval.num_batches, plan.batches_per_epoch)
         if cfg.eval.num_batches > 0
         else plan.batches_per_epoch
     )
-    sums = torch.zeros(6, dtype=torch.float64)  # near: hits, nll, count; far: hits, nll, count
+    chunk = cfg.ttt.chunk_size if cfg.ttt.enabled else None
+    values = range(dataset.first_value, dataset.first_value + dataset.num_values)
+    # near: hits, nll, count; far: hits, nll, count; far answered with another value; near across
+    # chunks: hits, count; near within a chunk: hits, count
+    sums = torch.zeros(11, dtype=torch.float64)
     for step in range(n):
         idx = plan.indices(0, step)
         codes = torch.stack([dataset[i] for i in idx]).to(dist_info.device)
         with D.autocast(cfg, dist_info):
             logits = model(codes).text_logits[:, 0].float()  # [B, T, V]
-        for q, hit, nll in recall_scores(logits, dataset, idx):
-            k = 3 if q.far else 0
-            sums[k] += hit
-            sums[k + 1] += nll
-            sums[k + 2] += 1
+        for b, i in enumerate(idx):
+            queries = dataset.queries(i)
+            for q in queries:
+                lg = logits[b, q.value_pos]  # [V]
+                pred = int(lg.argmax())
+                hit = float(pred == q.value)
+                nll = float(F.cross_entropy(lg[None], torch.tensor([q.value], device=lg.device)))
+                k = 3 if q.far else 0
+                sums[k : k + 3] += torch.tensor([hit, nll, 1.0], dtype=torch.float64)
+                if q.far:
+                    sums[6] += answer_kind(pred, q, queries, values) == ERROR_KINDS[1]
+                elif chunk is not None:
+                    k = 7 if crosses_chunk(q, chunk) else 9
+                    sums[k : k + 2] += torch.tensor([hit, 1.0], dtype=torch.float64)
     sums = D.all_reduce_sum(sums.to(dist_info.device)).cpu()
     out = {}
     for k, name in ((0, "near"), (3, "far")):
         if sums[k + 2] > 0:
             out[f"recall_acc_{name}"] = (sums[k] / sums[k + 2]).item()
             out[f"recall_nll_{name}"] = (sums[k + 1] / sums[k + 2]).item()
+    if sums[5] > 0:
+        out["recall_far_other"] = (sums[6] / sums[5]).item()
+    if chunk is not None and sums[2] > 0:
+        out["recall_near_cross_share"] = (sums[8] / sums[2]).item()
+        for k, name in ((7, "cross"), (9, "within")):
+            if sums[k + 1] > 0:
+                out[f"recall_acc_near_{name}"] = (sums[k] / sums[k + 1]).item()
     return out

@@ -22,16 +22,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from moshi_ttt import ttt_layers
+from moshi_ttt import set_ttt_eta, ttt_layers
 
 from ..args import TrainConfig, check_resume_compatible, config_to_yaml
 from ..data import BatchPlan, ResumableLoader
 from ..data.build import build_datasets, report_windows
 from ..data.loader import eval_plan
 from ..preflight import absolute_paths, check_config_paths
-from ..schema import to_dict
+from ..schema import ConfigError, to_dict
 from . import distributed as D
 from .checkpointing import ResumePoint, Resumer, SaveSchedule, claimed_run_dir, save_checkpoint
+from .eta_auto import EtaCalibration, calibrate_eta, dataset_batches
 from .evaluation import evaluate
 from .loss import loss_weights, training_loss
 from .model import build_model, param_table
@@ -109,6 +110,7 @@ class Trainer:
         self.cfg, self.dist, self.run_dir = cfg, dist_info, run_dir
         self.cfg_dict = to_dict(cfg)
         self.resumer = Resumer(cfg, dist_info)
+        self.eta_calibration: EtaCalibration | None = None  # ttt.eta: auto, once chosen
         if self.resumer.pick() is not None:  # an incompatible checkpoint is refused before any build
             self._vet(self.resumer.point)
         self._setup_model()
@@ -161,6 +163,15 @@ class Trainer:
             self.wandb_id = point.state.get("wandb_id") or self.wandb_id
             apply_new_lrs(self.optimizer, self.scheduler, self.cfg)
             logger.info("resumed from %s at step %d", point.path, self.start_step)
+            if point.state.get("eta_auto") is not None and self._eta_auto:
+                # The etas chosen before the checkpoint, not a new calibration on trained weights.
+                self.eta_calibration = EtaCalibration.from_state_dict(point.state["eta_auto"])
+                set_ttt_eta(self.base, self.eta_calibration.etas)
+                logger.info(
+                    "ttt.eta: auto: the etas chosen at step %d (from the checkpoint): %s",
+                    self.eta_calibration.step,
+                    self.eta_calibration.describe(),
+                )
         # A wandb sweep agent launched this run (scripts/sweep_point.py): log to the run it assigned,
         # which its sweep tracks, also when this point resumes an interrupted run.
         self.wandb_id = sweep_agent_run_id() or self.wandb_id
@@ -208,6 +219,8 @@ class Trainer:
             }
             if log_now:
                 self._log(step, last, step_time, result.data_time)
+            if self._eta_auto and self.eta_calibration is None and step >= cfg.ttt.eta_auto.steps:
+                self._calibrate_eta(step)
             if self.eval_set is not None and (
                 (cfg.eval.interval and step % cfg.eval.interval == 0) or step == cfg.max_steps
             ):
@@ -317,6 +330,34 @@ class Trainer:
         if ttt_line:
             logger.info("step %d | %s", step, ttt_line)
 
+    @property
+    def _eta_auto(self) -> bool:
+        return self.cfg.ttt.enabled and self.cfg.ttt.auto
+
+    def _calibrate_eta(self, step: int) -> None:
+        """``ttt.eta: auto``: rescale every TTT layer's eta so that its ``ttt/base`` on the first
+        training batches lands on the target (:func:`finetune.training.eta_auto.calibrate_eta`)."""
+        a = self.cfg.ttt.eta_auto
+        batches = dataset_batches(self.train_set, a.batches, self.cfg.batch_size)
+        try:
+            cal = calibrate_eta(
+                self.base,
+                batches,
+                a.start_eta(self.cfg.ttt.eta_norm),
+                a.target,
+                per_layer=a.per_layer,
+                step=step,
+                autocast=lambda: D.autocast(self.cfg, self.dist),
+            )
+        except ValueError as e:  # a setting to change (one "config error:" line from train.py)
+            raise ConfigError(str(e)) from None
+        self.eta_calibration = cal
+        logger.info("ttt.eta: auto at step %d: %s", step, cal.describe())
+        values = {"start": cal.start, "target": cal.target}
+        for name, m in (("ratio", cal.ratios), ("eta", cal.etas), ("final_ratio", cal.final_ratios)):
+            values.update({f"{name}/L{i}": v for i, v in m.items()})
+        self.metrics.log("eta_auto", step, values)
+
     def _evaluate(self, step: int) -> dict[str, float]:
         D.set_phase(f"evaluating at step {step}")
         ev = evaluate(self.model, self.base, self.eval_set, self.cfg, self.dist)
@@ -341,7 +382,11 @@ class Trainer:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             data_state=self.loader.state_dict(),
-            extra={"wandb_id": self.wandb_id, **self.schedule.state()},
+            extra={
+                "wandb_id": self.wandb_id,
+                **self.schedule.state(),
+                **({"eta_auto": self.eta_calibration.state_dict()} if self.eta_calibration else {}),
+            },
             config_yaml=config_to_yaml(self.cfg),
             raw_config=self.built.raw_config,
             cfg=self.cfg,
