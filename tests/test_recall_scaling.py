@@ -8,11 +8,11 @@ import pytest
 import torch
 from test_longcontext import _sweep_file, fake_trainer
 
-from finetune import distributed as D
 from finetune.args import load_config
 from finetune.data.recall import RecallTask
 from finetune.research.sweep import Sweep
 from finetune.schema import ConfigError
+from finetune.training import distributed as D
 from finetune.training.evaluation import crosses_chunk, recall_metrics
 
 KW = dict(num_frames=96, context=16, far_min=32, n_q=2)
