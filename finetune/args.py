@@ -536,6 +536,8 @@ def check_resume_compatible(
     saved = saved_config_with_defaults(saved)
     fixed = fixed_on_resume_keys(TrainConfig)
     bad = [k for k in fixed if get_dotted(saved, k) != get_dotted(current, k)]
+    if get_dotted(saved, "ttt.enabled") is False and get_dotted(current, "ttt.enabled") is False:
+        bad = [k for k in bad if not k.startswith("ttt.")]  # no TTT layer: its settings shape nothing
     if saved_world != world:
         bad.append(f"world size ({saved_world} -> {world} processes)")
     if bad:

@@ -209,3 +209,39 @@ def test_streamed_text_logits_reproduce_the_training_forward_and_free_text_feeds
         other[:, 0] = 3
         torch.testing.assert_close(free, stream_text_logits(lm, other), rtol=0, atol=0)
         assert not torch.allclose(free[1], forced[1])
+
+
+def test_key_binding_diagnostic_pairs_each_far_answer_with_its_own_statement():
+    """scripts/key_binding.py: the far facts' statement frames it compares against are the frames
+    where the other speaker said the key that the question asks for, and the cosine table tells a
+    bound key (same fact high, others low) from a key that only says "a fact is here"."""
+    from scripts.key_binding import OFFSETS, centred_cosines, far_facts
+
+    ds = RecallTask(8, seed=3, audio="markov", facts="audio", pattern_frames=2, **KW)
+    for i in range(8):
+        queries, spoken = ds.spoken_layout(i)
+        answers, statements = far_facts(ds, i)
+        assert answers and len(answers) == len(statements)
+        for a, s in zip(answers, statements):
+            asked = [w for start, w in spoken if start == a - 1 - 2]  # the question's key: 2 frames, 1 free
+            said = [w for start, w in spoken if start == s]
+            assert len(asked) == 1 and len(said) == 1 and torch.equal(asked[0], said[0])
+            assert s < a - ds.far_min + 3
+    with pytest.raises(ValueError, match="facts are in the text stream"):
+        RecallTask(2, seed=0, **KW).spoken_layout(0)
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(160, 256, generator=g)
+    answers, statements = [120, 130, 140], [10, 20, 30]
+    bound = z.clone()
+    for a, s in zip(answers, statements):
+        bound[a] = z[s + 1]  # the answer's key equals its own key's second frame
+    cos = centred_cosines(bound, answers, statements)
+    assert min(cos[1, True]) > 0.9 and max(abs(c) for c in cos[1, False]) < 0.3
+    shared = z.clone()
+    for a in answers:
+        shared[a] = sum(z[s + 1] for s in statements)  # "a fact is here": every fact alike
+    cos = centred_cosines(shared, answers, statements)
+    same, other = sum(cos[1, True]) / 3, sum(cos[1, False]) / 6
+    assert same > 0.4 and abs(same - other) < 0.1
+    assert set(cos) == {(o, s) for o in range(OFFSETS) for s in (True, False)}

@@ -232,7 +232,12 @@ def test_one_switch_turns_updates_off_in_every_forward_path(variant):
                 graphed = _graph_steps(model, seq)
         set_ttt_updates(model, True)
         assert torch.equal(model.forward_text(seq)[1], on)
-    torch.testing.assert_close(off, want, atol=1e-6, rtol=1e-6)
+    # Updates off and eta 0 are the same function computed on different matrix shapes (a variant's
+    # off path may skip its chunked inner loop: TTT-MLP reads its initial weights over the whole
+    # sequence, the eta-0 dual form chunk by chunk), like streaming (one step) against the full
+    # forward. float32 GEMM kernels round by shape, and differently on AVX2 and AVX-512 CPUs (MKL:
+    # 1.5e-6 here on AVX2 for TTT-MLP, exact on AVX-512), so both hold to the same shape tolerance.
+    torch.testing.assert_close(off, want, atol=3e-5, rtol=1e-4)
     torch.testing.assert_close(streamed, want, atol=3e-5, rtol=1e-4)
     if graphed is not None:
         torch.testing.assert_close(graphed, want, atol=3e-5, rtol=1e-4)

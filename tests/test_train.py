@@ -163,6 +163,15 @@ def test_keys_fixed_on_resume_are_marked_where_they_are_declared(caplog):
     with caplog.at_level("WARNING", logger="finetune"):
         check_resume_compatible(saved, config(**{"model.gradient_checkpointing": True}), 1, 1)
     assert "resuming with changed settings: model.gradient_checkpointing: False -> True" in caplog.text
+    # Without TTT layers their settings shape nothing: a run without TTT resumes under a config whose
+    # TTT section changed since (a warning), but turning TTT on or off is still refused.
+    off = {"ttt.enabled": False}
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="finetune"):
+        check_resume_compatible(config(**off), config(**off, **{"ttt.conv_kernel_size": 4}), 1, 1)
+    assert "ttt.conv_kernel_size: 2 -> 4" in caplog.text
+    with pytest.raises(ConfigError, match="different ttt.enabled"):
+        check_resume_compatible(config(**off), config(), 1, 1)
 
 
 # ---------------------------------------------------------------- training and resume

@@ -375,6 +375,16 @@ class RecallTask(Dataset):
     def queries(self, index: int) -> list[Query]:
         return self.layout(index)[1]
 
+    def spoken_layout(self, index: int) -> tuple[list[Query], list[tuple[int, torch.Tensor]]]:
+        """Item ``index``'s queries and what the other speaker says, as ``(start frame, codes [n_user,
+        frames])`` in speaking order (facts ``audio`` or ``speech``)."""
+        if self.facts == "text":
+            raise ValueError("spoken_layout: facts are in the text stream (data.recall.facts: text)")
+        if not 0 <= index < self.num_items:
+            raise IndexError(index)
+        _, queries, spoken = self._spoken_layout(torch.Generator().manual_seed(self.seed * 1_000_003 + index))
+        return queries, spoken
+
     def audio_codes(self, index: int) -> torch.Tensor:
         """The audio codebooks ``[n_q, T]`` of item ``index``."""
         T = self.num_frames
