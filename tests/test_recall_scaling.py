@@ -171,6 +171,7 @@ def test_chunk_window_report_times_the_plateau_end(tmp_path):
     _fake_run(sweep / "a", cfg(16, 8, 0), evals([0.5, 0.85, 1.0]))
     _fake_run(sweep / "b", cfg(16, 8, 1), evals([0.5, 0.5, 0.9]))
     _fake_run(sweep / "c", cfg(32, 64, 0), evals([0.5, 0.5, 0.5]))
+    _fake_run(sweep / "d", cfg(64, 32, 0), evals([0.45]))  # stopped (or still running) at step 100
     out = subprocess.run(
         [sys.executable, "scripts/chunk_window.py", str(sweep), "--out", str(tmp_path / "o")],
         cwd=ROOT,
@@ -182,6 +183,7 @@ def test_chunk_window_report_times_the_plateau_end(tmp_path):
     # mean of the seeds' bound steps, then each seed's own
     assert "0.5 W: 250 (200-300) {s0 200, s1 300} [2/2]; far 0.95 (0.90-1.00)" in text
     assert "2 W: > 300 [0/1]; far 0.50" in text  # censored at the budget
+    assert "0.5 W: unfinished: not bound by step 100 of 300 (far 0.45)" in text
     assert (tmp_path / "o" / "chunk_window.png").is_file()
 
 

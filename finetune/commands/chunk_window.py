@@ -88,8 +88,9 @@ def cell_text(rs: list[dict]) -> str:
     """``bound step (range) {each seed's} [k/n bound] | far | near``: the mean step over the runs that
     bound (a run still running and not bound is not counted in n)."""
     done = [r for r in rs if r["finished"] or r["bound"] is not None]
-    if not done:
-        return "running"
+    if not done:  # running, or stopped before its budget without binding
+        last = max(rs, key=lambda r: r["last_step"])
+        return f"unfinished: not bound by step {last['last_step']} of {last['max_steps']} (far {last['far']:.2f})"
     steps = [r["bound"] for r in done if r["bound"] is not None]
     budget = max(r["max_steps"] for r in done)
     if steps:
