@@ -110,11 +110,14 @@ def straight(tmp_path_factory) -> dict[int, float]:
 @pytest.mark.parametrize(
     "fault, lost, message, kept",
     [
-        # Rank 0 also hosts the rendezvous store: rank 1 finds both gone.
+        # Rank 0 also hosts the rendezvous store: rank 1 finds both gone, and which of the two silences
+        # passes the timeout first is a matter of scheduling (a loaded machine showed either): both
+        # verdicts name rank 0.
         (
             "kill-step:0:5",
             0,
-            r"lost contact with the rendezvous store at 127\.0\.0\.1:\d+ .*its host, rank 0,",
+            r"(lost contact with the rendezvous store at 127\.0\.0\.1:\d+ .*its host, rank 0,"
+            r"|rank 0 was lost: no sign of life for \d+ s)",
             [2, 4],
         ),
         # Rank 1 dies before writing its file of checkpoint 4: rank 0 must not commit that checkpoint.
