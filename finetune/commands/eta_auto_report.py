@@ -15,26 +15,22 @@ sweep directory) and prints it.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-import yaml
+from finetune.research.sweep import finished_run
 
 NEAR_SLACK = 0.05
 
 
 def read_run(run_dir: Path) -> dict | None:
-    cfg_path, met_path = run_dir / "config.yaml", run_dir / "metrics.jsonl"
-    if not cfg_path.is_file() or not met_path.is_file():
+    run = finished_run(run_dir)
+    if run is None:
         return None
-    cfg = yaml.safe_load(cfg_path.read_text())
-    recs = [json.loads(x) for x in met_path.read_text().splitlines() if x.strip()]
+    cfg, recs = run
     final = [r for r in recs if r["kind"] == "eval" and r["step"] == cfg["max_steps"]]
-    if not final:
-        return None
     at50 = [r for r in recs if r["kind"] == "train" and r["step"] == 50]
     base50 = [v for k, v in at50[-1].items() if k.endswith("/term_ratio")] if at50 else []
     cal = [r for r in recs if r["kind"] == "eta_auto"]

@@ -16,27 +16,23 @@ sweep directory). ``--metric`` is an eval metric without its ``eval_`` prefix.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-import yaml
+from finetune.research.sweep import finished_run
 
 LOWER_IS_BETTER = ("nll", "loss")
 
 
 def read_run(run_dir: Path) -> dict | None:
-    cfg_path, met_path = run_dir / "config.yaml", run_dir / "metrics.jsonl"
-    if not cfg_path.is_file() or not met_path.is_file():
-        return None
-    cfg = yaml.safe_load(cfg_path.read_text())
-    recs = [json.loads(x) for x in met_path.read_text().splitlines() if x.strip()]
+    run = finished_run(run_dir)
+    if run is None:
+        return None  # no run, or unfinished
+    cfg, recs = run
     evals = [r for r in recs if r["kind"] == "eval" and r["step"] == cfg["max_steps"]]
-    if not evals:
-        return None  # unfinished
     train = [r for r in recs if r["kind"] == "train"]
     half = [r for r in train if r["step"] > cfg["max_steps"] // 2] or train
     zs = [v for r in half for k, v in r.items() if k.endswith("/z_sq_mean")]

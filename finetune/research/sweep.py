@@ -500,6 +500,20 @@ def _records(run_dir: Path) -> Iterator[dict[str, Any]]:
             yield {prefix + k: v for k, v in r.items() if k not in ("kind", "time")}
 
 
+def finished_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """``(config, every record of metrics.jsonl)`` of a run that evaluated at its last step
+    (``max_steps``); None for a directory without both files or a run not finished."""
+    run_dir = Path(run_dir)
+    cfg_path, met_path = run_dir / "config.yaml", run_dir / "metrics.jsonl"
+    if not cfg_path.is_file() or not met_path.is_file():
+        return None
+    cfg = yaml.safe_load(cfg_path.read_text())
+    recs = [json.loads(x) for x in met_path.read_text().splitlines() if x.strip()]
+    if not any(r["kind"] == "eval" and r["step"] == cfg["max_steps"] for r in recs):
+        return None
+    return cfg, recs
+
+
 def last_metrics(run_dir: Path) -> dict[str, Any]:
     """The latest value of every logged metric: ``eval_<name>`` for eval records, ``<name>`` for train."""
     out: dict[str, Any] = {}
