@@ -21,6 +21,7 @@ Deterministic for a given ``--seed``.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -57,7 +58,10 @@ def _word_sound_synthetic(word: str, rng: np.random.Generator) -> np.ndarray:
     return (0.3 * env * sig + 0.003 * rng.standard_normal(len(t))).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=None)
 def _word_sound_espeak(word: str, voice: str) -> np.ndarray:
+    """espeak-ng's rendering of one word, trimmed; cached (espeak is deterministic: the same data, one
+    espeak call per word and voice instead of one per word per conversation)."""
     import sphn
 
     with tempfile.TemporaryDirectory() as d:
