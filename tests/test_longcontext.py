@@ -316,6 +316,27 @@ def test_eval_script_writes_json_table_and_plot(recall_runs, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def test_eval_set_overrides_change_the_data_section_only(recall_runs):
+    """--data.KEY=VALUE picks another eval set for the same checkpoints (the run's own data section,
+    changed); any other section is refused: the model is the checkpoint's."""
+    from finetune.research.long_context import evaluate_runs
+
+    own = evaluate_runs([recall_runs / "base"], max_items=None, batch_size=4)
+    fewer = evaluate_runs(
+        [recall_runs / "base"], max_items=None, batch_size=4, data_overrides={"data.recall.num_eval": 3}
+    )
+    assert own["info"]["eval_items"] == 8 and fewer["info"]["eval_items"] == 3
+    with pytest.raises(ValueError, match="only data.. settings choose the eval set; not model.tiny.dim"):
+        evaluate_runs([recall_runs / "base"], data_overrides={"model.tiny.dim": 8})
+    res = subprocess.run(
+        [sys.executable, "scripts/eval_long_context.py", str(recall_runs / "base"), "--ttt.eta=2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 2 and "eval set overrides are --data.KEY=VALUE" in res.stderr
+
+
 def test_windows_longer_than_the_context_and_conversations_shorter_than_the_window(tiny_ds, tmp_path, capsys):
     """A tiny Moshi-7B-style recipe: windows (10 s, 125 steps) far beyond a reduced attention
     context (model.context: 8 steps), on 7 s conversations, so the last 3 s of every window is

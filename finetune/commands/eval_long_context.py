@@ -9,7 +9,9 @@ evaluated with their fast-weight updates off (same weights, no test-time trainin
 ``--no-frozen``. Writes ``long_context.json`` (the numbers), ``long_context.md`` (tables) and
 ``long_context.png`` (loss by position with the attention window marked; recall accuracy by
 distance) into ``--out``. ``--free-text`` adds rows scored on each model's own greedy text stream
-(streamed step by step, audio from the data).
+(streamed step by step, audio from the data). ``--data.KEY=VALUE`` overrides change the eval set's
+``data`` section (the first run's own, or ``--eval-config``'s) as in ``train.py``, e.g. another
+dataset's ``--data.eval=... --data.cache_dir=...``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+import yaml
 
 from finetune.research.long_context import evaluate_runs, to_markdown, write_report
 
@@ -36,7 +40,13 @@ def main() -> int:
         help="also evaluate each run on its own greedy text stream (audio from the data), streamed step by "
         "step: recall scored on what Moshi writes itself, e.g. the echo of a fact it heard",
     )
-    args = p.parse_args()
+    args, rest = p.parse_known_args()
+    data_overrides = {}
+    for a in rest:
+        key, eq, value = a[2:].partition("=")
+        if not (a.startswith("--data.") and eq):
+            p.error(f"unrecognised argument {a!r} (eval set overrides are --data.KEY=VALUE)")
+        data_overrides[key] = yaml.safe_load(value) if value else value
     try:
         report = evaluate_runs(
             args.runs,
@@ -46,6 +56,7 @@ def main() -> int:
             batch_size=args.batch_size,
             bucket=args.bucket,
             free_text=args.free_text,
+            data_overrides=data_overrides,
         )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -167,6 +167,22 @@ def context_of(lm) -> tuple[int, int]:
     return attention_window(lm) or 10**9, receptive_field(lm) or 10**9
 
 
+def _eval_data_config(loaded: LoadedModel, eval_config: str | Path | None, data_overrides: dict[str, Any] | None):
+    """The config whose ``data`` section is the eval set: ``eval_config`` (or the run's own config) with
+    ``data_overrides``; only ``data.*`` keys may be overridden (the model is the checkpoint's)."""
+    from ..args import load_config
+    from ..schema import apply_overrides, from_dict, to_dict
+
+    bad = [k for k in data_overrides or {} if not k.startswith("data.")]
+    if bad:
+        raise ValueError(f"only data.* settings choose the eval set; not {', '.join(bad)}")
+    if eval_config is not None:
+        return load_config(eval_config, data_overrides)
+    cfg = from_dict(type(loaded.cfg), apply_overrides(to_dict(loaded.cfg), data_overrides or {}))
+    cfg.check()
+    return cfg
+
+
 def evaluate_runs(
     runs: list[str | Path],
     *,
@@ -176,21 +192,19 @@ def evaluate_runs(
     batch_size: int = 8,
     bucket: int | None = None,
     free_text: bool = False,
+    data_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Every run on one eval set (the first run's own, or ``eval_config``'s), TTT runs also with their
-    updates off; with ``free_text`` every run once more on its own greedy text stream
-    (:func:`stream_text_logits`)."""
+    """Every run on one eval set (the first run's own, or ``eval_config``'s, with ``data_overrides``:
+    ``{"data.eval": ..., ...}`` applied to it), TTT runs also with their updates off; with
+    ``free_text`` every run once more on its own greedy text stream (:func:`stream_text_logits`)."""
     results: list[EvalResult] = []
     info: dict[str, Any] = {}
     dataset = None
     for run in runs:
         loaded = load_checkpoint_model(run, with_codec=False)
         if dataset is None:
-            if eval_config is not None:
-                from ..args import load_config
-
-                cfg = load_config(eval_config)
-                _, dataset = build_datasets(cfg, loaded.lm)
+            if eval_config is not None or data_overrides:
+                _, dataset = build_datasets(_eval_data_config(loaded, eval_config, data_overrides), loaded.lm)
             else:
                 dataset = eval_dataset_for(loaded)
             ctx, receptive = context_of(loaded.lm)
