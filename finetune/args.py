@@ -79,13 +79,13 @@ class EtaAutoArgs:
     TTT term over the base term, the telemetry the console prints) on the first ``batches``
     training batches and rescales eta once so that it becomes ``target``: ``ttt/base`` is linear in
     eta, so ``eta = start x target / ttt/base``, per layer with ``per_layer`` (else one eta from the
-    layers' mean). 1.0 is the middle of the band where the recall grid kept in-window recall
-    (docs/long_context.md, "Choosing eta": 0.7-1.2; a few to tens traded near for far recall). The
-    chosen etas are logged, saved in the checkpoints (trainer state and TTT file) and reused on
-    resume.
+    layers' mean). The default 10 beat 1.0 (the middle of the band where the recall grid kept
+    in-window recall) on far recall in all four cells of the eta grid and lost no near recall on
+    average (3 seeds each; docs/long_context_scaling.md, "2. eta chosen by the tool"). The chosen etas
+    are logged, saved in the checkpoints (trainer state and TTT file) and reused on resume.
     """
 
-    target: float = 1.0
+    target: float = 10.0
     steps: int = 50
     start: float | None = None  # eta during the warm-up; null: 0.1 (eta_norm none) or 100 (zsq)
     per_layer: bool = True

@@ -22,6 +22,7 @@ from moshi_ttt.tiny import build_tiny_lm
 
 AUTO = {
     "ttt.eta": "auto",
+    "ttt.eta_auto.target": 1.0,
     "ttt.eta_auto.steps": 2,
     "ttt.layers": [0, 1],
     "max_steps": 6,
