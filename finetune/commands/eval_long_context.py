@@ -20,8 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
+from finetune.cli import parse_cli
 from finetune.research.long_context import evaluate_runs, to_markdown, write_report
 
 
@@ -41,13 +40,8 @@ def main() -> int:
         "step: recall scored on what Moshi writes itself, e.g. the echo of a fact it heard",
     )
     args, rest = p.parse_known_args()
-    data_overrides = {}
-    for a in rest:
-        key, eq, value = a[2:].partition("=")
-        if not (a.startswith("--data.") and eq):
-            p.error(f"unrecognised argument {a!r} (eval set overrides are --data.KEY=VALUE)")
-        data_overrides[key] = yaml.safe_load(value) if value else value
     try:
+        _, data_overrides = parse_cli(rest)  # train.py's --section.key=value, read the same way
         report = evaluate_runs(
             args.runs,
             eval_config=args.eval_config,

@@ -167,15 +167,15 @@ def context_of(lm) -> tuple[int, int]:
     return attention_window(lm) or 10**9, receptive_field(lm) or 10**9
 
 
-def _eval_data_config(loaded: LoadedModel, eval_config: str | Path | None, data_overrides: dict[str, Any] | None):
+def _eval_data_config(
+    loaded: LoadedModel, eval_config: str | Path | None, data_overrides: dict[str, Any] | None
+):
     """The config whose ``data`` section is the eval set: ``eval_config`` (or the run's own config) with
-    ``data_overrides``; only ``data.*`` keys may be overridden (the model is the checkpoint's)."""
+    ``data_overrides`` (``data.*`` keys only, checked by :func:`evaluate_runs`: the model is the
+    checkpoint's)."""
     from ..args import load_config
     from ..schema import apply_overrides, from_dict, to_dict
 
-    bad = [k for k in data_overrides or {} if not k.startswith("data.")]
-    if bad:
-        raise ValueError(f"only data.* settings choose the eval set; not {', '.join(bad)}")
     if eval_config is not None:
         return load_config(eval_config, data_overrides)
     cfg = from_dict(type(loaded.cfg), apply_overrides(to_dict(loaded.cfg), data_overrides or {}))
@@ -197,6 +197,12 @@ def evaluate_runs(
     """Every run on one eval set (the first run's own, or ``eval_config``'s, with ``data_overrides``:
     ``{"data.eval": ..., ...}`` applied to it), TTT runs also with their updates off; with
     ``free_text`` every run once more on its own greedy text stream (:func:`stream_text_logits`)."""
+    bad = [k for k in data_overrides or {} if not k.startswith("data.")]
+    if bad:  # before any checkpoint is loaded
+        raise ValueError(
+            f"only data.* settings choose the eval set; not {', '.join(bad)} "
+            "(eval set overrides are --data.KEY=VALUE)"
+        )
     results: list[EvalResult] = []
     info: dict[str, Any] = {}
     dataset = None
