@@ -58,7 +58,7 @@ def _word_sound_synthetic(word: str, rng: np.random.Generator) -> np.ndarray:
     return (0.3 * env * sig + 0.003 * rng.standard_normal(len(t))).astype(np.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _word_sound_espeak(word: str, voice: str) -> np.ndarray:
     """espeak-ng's rendering of one word, trimmed; cached (espeak is deterministic: the same data, one
     espeak call per word and voice instead of one per word per conversation)."""
